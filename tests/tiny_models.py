@@ -1,0 +1,132 @@
+"""Tiny LLaVA checkpoints built in code (real transformers classes, random weights) for offline CPU tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+WORDS = (
+    "user assistant what is the colour of shape in cell row column red green blue yellow circle square "
+    "triangle how many left right above below a an yes no one two three four five six seven eight nine zero"
+).split()
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+VOCAB = SPECIAL + WORDS + [f"w{i}" for i in range(200 - len(SPECIAL) - len(WORDS))]
+IMAGE_TOKEN_ID = VOCAB.index("<image>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %} <image>{% else %} {{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
+)
+
+
+def tiny_llava_config(
+    text: str = "llama",
+    vision: str = "clip",
+    *,
+    grid: int = 24,
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+) -> LlavaConfig:
+    """A LLaVA config with a `grid` x `grid` vision token grid (24 -> 576 tokens, as LLaVA-1.5)."""
+    patch = 4
+    if vision == "clip":
+        vision_config = CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=grid * patch, patch_size=patch, projection_dim=32,
+        )
+        strategy = "default"
+    elif vision == "siglip":
+        vision_config = SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=grid * patch, patch_size=patch,
+        )
+        strategy = "full"
+    else:
+        raise ValueError(vision)
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text]
+    text_config = text_class(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=len(VOCAB), max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=grid * grid,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=-2 if vision == "clip" else -1,
+    )
+
+
+def tiny_llava(seed: int = 0, **kwargs) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(**kwargs)).eval()
+    # Default init gives near-uniform logits; larger weights make the tests sensitive to real differences.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.normal_(0.0, 0.5 / param.shape[1] ** 0.5)
+    return model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def tiny_processor(config: LlavaConfig) -> LlavaProcessor:
+    size = config.vision_config.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1 if config.vision_config.model_type == "clip_vision_model" else 0,
+    )
+
+
+def save_tiny_llava(path: Path, seed: int = 0, *, max_shard_size: str | None = None, **kwargs) -> Path:
+    """Write a tiny LLaVA checkpoint with its processor, as `save_pretrained` writes one."""
+    model = tiny_llava(seed, **kwargs)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **save_kwargs)
+    tiny_processor(model.config).save_pretrained(path)
+    return Path(path)
+
+
+def image_prompt(parts: list[str | None], grid: int = 24) -> list[int]:
+    """Token ids of a prompt: each string is text (space separated words), each None one image's tokens."""
+    ids: list[int] = [1]
+    for part in parts:
+        if part is None:
+            ids += [IMAGE_TOKEN_ID] * (grid * grid)
+        else:
+            ids += [VOCAB.index(w) for w in part.split()]
+    return ids
