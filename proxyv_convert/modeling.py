@@ -43,10 +43,14 @@ _registered = False
 
 
 def register_auto_classes() -> None:
-    """Let transformers' Auto classes resolve `proxyv_llava` to the package's classes (no remote code needed)."""
+    """Let transformers' Auto classes resolve `proxyv_llava` to the package's classes (no remote code needed), and
+    make `save_pretrained` write the code files and `auto_map` into every folder it saves."""
     global _registered
     if _registered:
         return
+    ProxyVLlavaConfig.register_for_auto_class()
+    ProxyVLlavaModel.register_for_auto_class("AutoModel")
+    ProxyVLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     AutoConfig.register(ProxyVLlavaConfig.model_type, ProxyVLlavaConfig, exist_ok=True)
     AutoModel.register(ProxyVLlavaConfig, ProxyVLlavaModel, exist_ok=True)
     AutoModelForImageTextToText.register(ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration, exist_ok=True)
@@ -107,3 +111,6 @@ def load_model(
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+register_auto_classes()

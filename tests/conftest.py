@@ -1,13 +1,11 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Before anything imports huggingface_hub: no telemetry calls to huggingface.co from tests.
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
-
-@pytest.fixture(autouse=True)
-def _offline_hub(monkeypatch):
-    """No test may reach huggingface.co: tests that need a Hub use the loopback server."""
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+from hub_server import local_hub  # noqa: E402,F401

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 WORDS = (
-    "user assistant what is the colour of shape in cell row column red green blue yellow circle square "
+    ": or which user assistant what is the colour of shape in cell row column red green blue yellow circle square "
     "triangle how many left right above below a an yes no one two three four five six seven eight nine zero"
 ).split()
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]

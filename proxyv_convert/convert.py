@@ -1,0 +1,322 @@
+"""`proxyv convert`: turn a LLaVA checkpoint into a ProxyV checkpoint, streaming tensors from disk to disk.
+
+The output holds the original tensors unchanged (bit-for-bit, unless --dtype casts them) under the native state_dict
+names of `ProxyVLlavaForConditionalGeneration`, plus freshly initialised ProxyV tensors (`model.proxyv.*`), the
+config with `auto_map`, the model code, the source's processor and tokenizer files, and the resolved recipe.
+Peak memory is the Python/torch baseline plus a few MB: tensors are copied (or cast) in chunks, ProxyV modules are
+initialised one layer at a time, and the model itself only ever exists on the meta device.
+Every check runs before anything is written, and the output folder appears atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from transformers import LlavaConfig
+from transformers.utils.hub import convert_file_size_to_int
+
+from .atomic import atomic_output, check_output
+from .errors import ProxyVError
+from .modeling import ARCHITECTURE, AUTO_MAP, ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration, canonical_code
+from .recipe import provenance, write_recipe
+from .safetensors_stream import (
+    FLOAT_DTYPES,
+    OutputTensor,
+    TensorInfo,
+    copy_bytes,
+    read_checkpoint,
+    read_chunks,
+    write_checkpoint,
+)
+from .source import Source, fetch_weights, processor_files, read_llava_config, resolve_source
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # as transformers' save_pretrained
+PROXYV_PREFIX = "model.proxyv."
+INIT_SEED = 0
+PROXYV_FILE = "model-proxyv.safetensors"  # the ProxyV tensors, in a file of their own that distillation replaces
+
+# Source key -> native key of ProxyVLlavaForConditionalGeneration; the first matching rule wins. `{vision}` is
+# "vision_model." when the installed transformers keeps that level in the vision tower, else "".
+KEY_RULES = (
+    (r"^language_model\.lm_head\.", "lm_head."),  # Hub (llava-hf) and transformers 5 save layout
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^vision_tower\.(vision_model\.)?", "model.vision_tower.{vision}"),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^model\.vision_tower\.(vision_model\.)?", "model.vision_tower.{vision}"),  # native layout
+    (r"^(model\.language_model\.|model\.multi_modal_projector\.|lm_head\.)", r"\1"),
+)
+# Buffers that old checkpoints stored and current models recompute (transformers ignores them on load too).
+STALE_BUFFERS = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What `convert` wrote."""
+
+    out: Path
+    source: str
+    tensors_copied: int
+    tensors_added: int
+    bytes_written: int
+    parameters: int  # of the original model
+    parameters_added: int  # by ProxyV
+    files: tuple[str, ...]  # weight files written
+    seconds: float
+
+
+def convert(
+    source: str,
+    out: str | Path,
+    *,
+    layer: int,
+    reduce_factor: int = 4,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> ConvertResult:
+    """Convert the LLaVA checkpoint `source` (local folder or Hub id) into a ProxyV checkpoint in `out`.
+
+    ProxyV runs from decoder layer `layer` on, with proxies made by downsampling each image grid by `reduce_factor`.
+    `dtype` "auto" keeps every tensor's dtype; otherwise floating tensors are cast. Raises ProxyVError, before
+    writing anything, on bad input.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if dtype not in DTYPE_CHOICES:
+        raise ProxyVError(f"--dtype {dtype} is not one of {', '.join(DTYPE_CHOICES)}")
+    check_output(out, overwrite=overwrite)  # fail before downloading anything
+    src = resolve_source(source, revision=revision, trust_remote_code=trust_remote_code)
+    check_output(out, overwrite=overwrite, source=src.path)
+    config = proxyv_config(src, read_llava_config(src, trust_remote_code=trust_remote_code), layer, reduce_factor)
+    fetch_weights(src)
+    weights = source_weights(src)
+    with torch.device("meta"):
+        model = ProxyVLlavaForConditionalGeneration(config)
+    matched = match_weights(src.name, weights, model)
+    float_code = DTYPE_CODES[dtype] if dtype != "auto" else dominant_float_dtype(weights.values())
+    if dtype != "auto":
+        config.dtype = dtype
+    tensors = [copied_tensor(name, info, None if dtype == "auto" else float_code) for name, info in matched.items()]
+    added = proxyv_tensors(model, float_code)
+    command = convert_command(source, out, layer, reduce_factor, dtype, revision, trust_remote_code)
+    total = sum(t.nbytes for t in tensors + added)
+    with atomic_output(out, overwrite=overwrite) as tmp, _progress(total, progress) as bar:
+        files = write_checkpoint(
+            tmp, tensors, convert_file_size_to_int(max_shard_size), bar.update, own_file=(PROXYV_FILE, added)
+        )
+        write_folder_files(tmp, src, config, DTYPE_NAMES[float_code], command)
+    return ConvertResult(
+        out=out,
+        source=src.name,
+        tensors_copied=len(tensors),
+        tensors_added=len(added),
+        bytes_written=total,
+        parameters=sum(info.numel for info in matched.values()),
+        parameters_added=sum(math.prod(t.shape) for t in added),
+        files=tuple(files),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def proxyv_config(src: Source, llava: LlavaConfig, layer: int, reduce_factor: int) -> ProxyVLlavaConfig:
+    try:
+        config = ProxyVLlavaConfig.from_llava_config(
+            llava, proxyv_start_layer=layer, proxyv_reduce_factor=reduce_factor, proxyv_base_model=src.name
+        )
+    except ValueError as e:
+        raise ProxyVError(f"cannot convert {src.name}: {e}") from None
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = [ARCHITECTURE]
+    return config
+
+
+def source_weights(src: Source) -> dict[str, TensorInfo]:
+    weights = read_checkpoint(src.path)
+    if not weights:
+        found = sorted(p.name for p in src.path.glob("*.bin"))
+        also = f" (found {', '.join(found)}: re-save it with save_pretrained to get safetensors)" if found else ""
+        raise ProxyVError(f"{src.name} has no safetensors weights; proxyv reads safetensors checkpoints only{also}")
+    return weights
+
+
+def target_name(key: str, vision: str) -> str | None:
+    """The native name of a source checkpoint key, or None when no rule applies."""
+    for pattern, replacement in KEY_RULES:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement.replace("{vision}", vision), key, count=1)
+    return None
+
+
+def match_weights(
+    source: str, weights: dict[str, TensorInfo], model: ProxyVLlavaForConditionalGeneration
+) -> dict[str, TensorInfo]:
+    """{native name: source tensor} for every parameter of `model` except the ProxyV ones and absent tied weights.
+
+    The mapping must be exact: same key count and shape on both sides; anything else means the checkpoint does not
+    belong to its config (or to a layout we know), and converting it would silently drop or invent weights.
+    """
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    vision = "vision_model." if any(k.startswith("model.vision_tower.vision_model.") for k in expected) else ""
+    matched: dict[str, TensorInfo] = {}
+    unexpected, mismatched = [], []
+    for key, info in weights.items():
+        name = target_name(key, vision)
+        if name not in expected and STALE_BUFFERS.search(key):
+            continue
+        if name not in expected or name in matched:
+            unexpected.append(key)
+        elif info.shape != expected[name]:
+            mismatched.append(f"{key} is {list(info.shape)}, expected {list(expected[name])}")
+        else:
+            matched[name] = info
+    may_be_absent = set(model.all_tied_weights_keys)
+    missing = [n for n in expected if n not in matched and not n.startswith(PROXYV_PREFIX) and n not in may_be_absent]
+    problems = [
+        f"{len(group)} {what} ({', '.join(group[:3])}{', ...' if len(group) > 3 else ''})"
+        for what, group in (
+            ("unexpected tensors", unexpected),
+            ("missing tensors", missing),
+            ("shapes differ", mismatched),
+        )
+        if group
+    ]
+    if problems:
+        raise ProxyVError(f"the weights of {source} do not match its config: {'; '.join(problems)}")
+    proxyv = [n for n in expected if n.startswith(PROXYV_PREFIX)]
+    absent_tied = [n for n in may_be_absent if n not in matched]
+    assert len(matched) + len(proxyv) + len(absent_tied) == len(expected), "every model tensor is accounted for once"
+    return matched
+
+
+def dominant_float_dtype(weights: Iterable[TensorInfo]) -> str:
+    """The floating dtype holding most of the checkpoint's elements: the dtype new tensors get with --dtype auto."""
+    counts: Counter[str] = Counter()
+    for info in weights:
+        if info.dtype in FLOAT_DTYPES:
+            counts[info.dtype] += info.numel
+    if not counts:
+        raise ProxyVError("the checkpoint has no floating-point tensors; pass --dtype to choose one")
+    return counts.most_common(1)[0][0]
+
+
+def copied_tensor(name: str, info: TensorInfo, cast_to: str | None) -> OutputTensor:
+    """A source tensor under its native name: raw bytes copied, or (for floating tensors) cast to `cast_to`."""
+    if cast_to is None or info.dtype not in FLOAT_DTYPES or info.dtype == cast_to:
+        return OutputTensor(name, info.dtype, info.shape, copy_bytes(info))
+
+    def write(out: BinaryIO) -> None:
+        for chunk in read_chunks(info):  # casting is elementwise, so it streams like a copy
+            out.write(_raw(torch.frombuffer(chunk, dtype=TORCH_DTYPES[info.dtype]).to(TORCH_DTYPES[cast_to])))
+
+    return OutputTensor(name, cast_to, info.shape, write)
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a tensor without copying them (little-endian, as safetensors stores them)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def proxyv_tensors(model: ProxyVLlavaForConditionalGeneration, dtype: str) -> list[OutputTensor]:
+    """Output tensors for the ProxyV parameters of a meta-device model, initialised one VisionMLP at a time.
+
+    The values equal `torch.manual_seed(INIT_SEED); ProxyVModules(config).reset_parameters(std)` (one RNG stream,
+    layer by layer, cast to `dtype`) while only one layer is ever materialised. The writers must run in order.
+    """
+    modules = model.model.proxyv
+    assert all(n.startswith("vision_mlps.") for n, _ in modules.named_parameters()), "initialise new modules here"
+    std = model.config.text_config.initializer_range
+    stream = _initialised_parameters(modules.vision_mlps, std, TORCH_DTYPES[dtype])
+
+    def writer(expected: str) -> Callable[[BinaryIO], None]:
+        def write(out: BinaryIO) -> None:
+            name, tensor = next(stream)
+            assert name == expected, f"ProxyV tensors must be written in order: got {name}, expected {expected}"
+            out.write(_raw(tensor))
+
+        return write
+
+    return [
+        OutputTensor(PROXYV_PREFIX + name, dtype, tuple(p.shape), writer(PROXYV_PREFIX + name))
+        for name, p in modules.named_parameters()
+    ]
+
+
+def _initialised_parameters(vision_mlps: torch.nn.ModuleDict, std: float, dtype: torch.dtype) -> Iterator:
+    """(native name, tensor) of every ProxyV parameter, layer by layer.
+
+    All VisionMLPs have the same shapes, so one module on the CPU is reset in place for each layer in turn and cast
+    into the same output buffers: memory stays at one layer, with no allocations for the allocator to fragment
+    (fresh buffers per layer made peak RSS grow with the layer count). A yielded tensor is valid until the next
+    layer starts.
+    """
+    layer = copy.deepcopy(next(iter(vision_mlps.values()))).to_empty(device="cpu")
+    shapes = {name: p.shape for name, p in layer.named_parameters()}
+    outputs = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
+    generator_state = torch.Generator().manual_seed(INIT_SEED).get_state()
+    for index, mlp in vision_mlps.items():
+        assert {name: p.shape for name, p in mlp.named_parameters()} == shapes, "VisionMLPs differ in shape"
+        with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
+            torch.random.set_rng_state(generator_state)
+            layer.reset_parameters(std)
+            generator_state = torch.random.get_rng_state()
+        for name, param in layer.named_parameters():
+            yield f"{PROXYV_PREFIX}vision_mlps.{index}.{name}", outputs[name].copy_(param.detach())
+
+
+def convert_command(
+    source: str, out: Path, layer: int, reduce_factor: int, dtype: str, revision: str | None, trust_remote_code: bool
+) -> str:
+    """The CLI command equivalent to a `convert` call (the recipe's header)."""
+    args = ["proxyv", "convert", source, "--layer", str(layer), "--reduce-factor", str(reduce_factor)]
+    args += ["--dtype", dtype, "--out", str(out)]
+    args += ["--revision", revision] if revision else []
+    args += ["--trust-remote-code"] if trust_remote_code else []
+    return shlex.join(args)
+
+
+def write_folder_files(folder: Path, src: Source, config: ProxyVLlavaConfig, dtype: str, command: str) -> None:
+    """Everything but the weights: config, model code, processor/tokenizer files, recipe."""
+    config.to_json_file(folder / "config.json")
+    for name, data in canonical_code().items():
+        (folder / name).write_bytes(data)
+    for relative in processor_files(src.path):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.path / relative, folder / relative)
+    sections = {
+        "model": {"source": src.name, "revision": src.revision, "dtype": dtype},
+        "proxyv": {
+            "start_layer": config.proxyv_start_layer,
+            "reduce_factor": config.proxyv_reduce_factor,
+            "vision_mlp": config.proxyv_vision_mlp,
+            "proxy": config.proxyv_proxy,
+        },
+        "provenance": provenance(),
+    }
+    write_recipe(folder, sections, [command])
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Writing", disable=not enabled, file=sys.stderr
+    )

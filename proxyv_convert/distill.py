@@ -1,0 +1,508 @@
+"""Distillation: the ProxyV model (student) learns to match the same weights with ProxyV off (teacher).
+
+One copy of the model lives in memory: the teacher is the student's forward inside `model.proxyv_disabled()`.
+Only the ProxyV parameters (`model.proxyv.*`) train; every original weight stays frozen and is never rewritten.
+
+    loss = vision_weight * hidden(vision tokens) + text_weight * hidden(text tokens) + kl_weight * KL(logits)
+
+where hidden(.) averages, over the layers from the start layer on, a per-token distance between student and teacher
+hidden states (see HIDDEN_LOSSES), and KL is KL(teacher || student) of the next-token distributions at the text
+positions after the first image.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .batching import Batch, Batcher
+from .data import Columns, ImageTextData, load_data
+from .errors import ProxyVError
+from .modeling import is_proxyv_folder, load_model
+from .weights import write_proxyv_weights
+
+CHECKPOINT_DIR = ".distill"
+REPORT = "distill_report.json"
+HIDDEN_LOSSES = ("relative", "mse", "cosine")
+
+
+@dataclass
+class DistillSettings:
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    hidden_loss: str = "relative"
+    vision_weight: float = 1.0
+    text_weight: float = 1.0
+    kl_weight: float = 0.0
+    checkpoint_every: int = 50
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+    train_split: str = "train"
+    eval_split: str = "validation"
+    eval_examples: int = 200
+
+    def check(self) -> None:
+        positive = ("steps", "batch_size", "checkpoint_every", "gradient_accumulation", "max_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ProxyVError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ProxyVError(f"--lr must be positive, got {self.lr}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ProxyVError(f"--hidden-loss must be one of {', '.join(HIDDEN_LOSSES)}, got '{self.hidden_loss}'")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ProxyVError(f"--mixed-precision must be no, bf16 or fp16, got '{self.mixed_precision}'")
+        if min(self.vision_weight, self.text_weight, self.kl_weight) < 0:
+            raise ProxyVError("loss weights must not be negative")
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    steps: int
+    seconds: float
+    report: dict = field(default_factory=dict)
+
+
+# --- the objective -------------------------------------------------------------------------------------------------
+
+
+def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token distance of (N, H) student and teacher states -> (N,)."""
+    student, teacher = student.float(), teacher.float()
+    if kind == "mse":
+        return (student - teacher).pow(2).mean(-1)
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(student, teacher, dim=-1)
+    # relative: squared error over the teacher's squared norm, so every layer and token weighs the same
+    return (student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp_min(1e-6)
+
+
+def kl_positions(batch: Batch) -> torch.Tensor:
+    """(B, T) bool: real text tokens after the first image, whose next-token predictions ProxyV can change."""
+    mask = batch.inputs["attention_mask"].bool()
+    after_image = batch.image_mask.cumsum(1) > 0
+    return mask & after_image & ~batch.image_mask
+
+
+def distill_losses(model, student, teacher, batch: Batch, settings: DistillSettings) -> dict[str, torch.Tensor]:
+    start = model.config.proxyv_start_layer
+    real = batch.inputs["attention_mask"].bool()
+    groups = {"vision": real & batch.image_mask, "text": real & ~batch.image_mask}
+    terms = {name: 0.0 for name in groups}
+    layers = range(start + 1, len(teacher.hidden_states))  # outputs of layers start..L-1 (last one after the norm)
+    for layer in layers:
+        for name, mask in groups.items():
+            if mask.any():
+                terms[name] = terms[name] + hidden_distance(
+                    student.hidden_states[layer][mask], teacher.hidden_states[layer][mask], settings.hidden_loss
+                ).mean()
+    losses = {name: value / len(layers) for name, value in terms.items()}
+    if settings.kl_weight > 0:
+        positions = kl_positions(batch)
+        head = model.get_output_embeddings()
+        student_logits = head(student.hidden_states[-1][positions]).float()
+        teacher_logits = head(teacher.hidden_states[-1][positions]).float()
+        losses["kl"] = F.kl_div(
+            F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
+            reduction="batchmean",
+        )
+    losses["loss"] = (
+        settings.vision_weight * torch.as_tensor(losses["vision"])
+        + settings.text_weight * torch.as_tensor(losses["text"])
+        + settings.kl_weight * losses.get("kl", 0.0)
+    )
+    return losses
+
+
+def teacher_and_student(model, batch: Batch):
+    """Hidden states of the same weights with ProxyV off (no gradients) and on."""
+    inputs = dict(batch.inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    core = unwrap(model)
+    with torch.no_grad(), core.proxyv_disabled():
+        teacher = model(**inputs)
+    student = model(**inputs)
+    return teacher, student
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+# --- data order, checkpoints ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """A reproducible permutation of the examples for one epoch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=generator).tolist())
+
+
+def step_indices(n: int, seed: int, step: int, global_batch: int) -> list[int]:
+    """Example indices of optimizer step `step` (0-based): the same whether or not a run was resumed."""
+    indices: list[int] = []
+    position = step * global_batch
+    while len(indices) < global_batch:
+        epoch, offset = divmod(position, n)
+        taken = epoch_order(n, seed, epoch)[offset : offset + global_batch - len(indices)]
+        indices += taken
+        position += len(taken)
+    return indices
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> None:
+    """Atomically replace the checkpoint in `folder` (ProxyV parameters, optimizer, schedule, progress)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = {name: p.detach().float().contiguous().cpu() for name, p in unwrap(model).model.proxyv.named_parameters()}
+    save_file(params, tmp / "proxyv.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    params = load_file(folder / "proxyv.safetensors")
+    proxyv = unwrap(model).model.proxyv
+    with torch.no_grad():
+        for name, param in proxyv.named_parameters():
+            param.copy_(params[name].to(param.dtype))
+    saved = torch.load(folder / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return json.loads((folder / "state.json").read_text())
+
+
+# --- agreement with the teacher on held-out data -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def agreement(model, batcher: Batcher, indices: list[int], batch_size: int, accelerator) -> dict:
+    """How closely the student follows the teacher on held-out examples: per-layer hidden-state cosine (vision and
+    text tokens), KL of the next-token distributions and top-1 agreement at the text positions after the image."""
+    core = unwrap(model)
+    start = core.config.proxyv_start_layer
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, float] = {}
+
+    def add(name: str, values: torch.Tensor) -> None:
+        sums[name] = sums.get(name, 0) + values.double().sum(0).cpu()
+        counts[name] = counts.get(name, 0) + values.shape[0]
+
+    core.eval()
+    for first in range(0, len(indices), batch_size):
+        batch = batcher(indices[first : first + batch_size])
+        if batch.used == 0:
+            continue
+        batch.inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
+        batch.image_mask = batch.image_mask.to(accelerator.device)
+        with accelerator.autocast():
+            teacher, student = teacher_and_student(core, batch)
+        real = batch.inputs["attention_mask"].bool()
+        for name, mask in {"vision": real & batch.image_mask, "text": real & ~batch.image_mask}.items():
+            cos = [F.cosine_similarity(s[mask].float(), t[mask].float(), dim=-1)
+                   for s, t in zip(student.hidden_states[start + 1 :], teacher.hidden_states[start + 1 :])]
+            add(f"cosine_{name}", torch.stack(cos, dim=1))  # (N, layers)
+        positions = kl_positions(batch)
+        head = core.get_output_embeddings()
+        s_logits = head(student.hidden_states[-1][positions]).float()
+        t_logits = head(teacher.hidden_states[-1][positions]).float()
+        kl = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="none")
+        add("kl", kl.sum(-1)[:, None])
+        add("top1", (s_logits.argmax(-1) == t_logits.argmax(-1))[:, None])
+    core.train()
+    result = {"examples": len(indices)}
+    for name, total in sums.items():
+        mean = (total / max(counts[name], 1)).tolist()
+        if name.startswith("cosine"):
+            result[f"{name}_per_layer"] = {str(start + i): round(v, 6) for i, v in enumerate(mean)}
+            result[name] = round(sum(mean) / len(mean), 6)
+        else:
+            result[name] = round(mean[0], 6)
+    return result
+
+
+def task_agreement(model, data: ImageTextData, indices: list[int], processor, batch_size: int) -> dict:
+    """Greedy answers with ProxyV on (student) and off (teacher): accuracy of each and how often they agree."""
+    from .evaluate import generate_answers, normalise
+
+    core = unwrap(model)
+    core.eval()
+    student, teacher, answers = [], [], []
+    for first in range(0, len(indices), batch_size):
+        examples = [data.example(i) for i in indices[first : first + batch_size]]
+        examples = [e for e in examples if e[0] is not None]
+        if not examples:
+            continue
+        images, prompts = [e[0] for e in examples], [e[1] for e in examples]
+        answers += [e[2] for e in examples]
+        student += generate_answers(core, processor, images, prompts, max_new_tokens=16)
+        with core.proxyv_disabled():
+            teacher += generate_answers(core, processor, images, prompts, max_new_tokens=16)
+    core.train()
+    n = max(len(answers), 1)
+    return {
+        "examples": len(answers),
+        "student_accuracy": round(sum(normalise(s) == normalise(a) for s, a in zip(student, answers)) / n, 6),
+        "teacher_accuracy": round(sum(normalise(t) == normalise(a) for t, a in zip(teacher, answers)) / n, 6),
+        "answer_agreement": round(sum(normalise(s) == normalise(t) for s, t in zip(student, teacher)) / n, 6),
+    }
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+class _Interrupt:
+    """Turns Ctrl-C / SIGTERM into a flag the loop checks after each step (then it saves and stops)."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def held_out(data: str, columns: Columns, revision: str | None, settings: DistillSettings,
+             train: ImageTextData) -> tuple[ImageTextData, list[int], list[int]]:
+    """(held-out data, its indices, the training indices): the eval split, or the tail of the train split."""
+    try:
+        evaluation = load_data(data, split=settings.eval_split, columns=columns, revision=revision)
+        return evaluation, list(range(min(settings.eval_examples, len(evaluation)))), list(range(len(train)))
+    except ProxyVError:
+        held = min(settings.eval_examples, len(train) // 10)
+        return train, list(range(len(train) - held, len(train))), list(range(len(train) - held))
+
+
+def check_images_decode(data: ImageTextData, indices: list[int], seed: int, probe: int = 16) -> None:
+    """Fail early when the first examples the run would use have no decodable image at all."""
+    first = [indices[i] for i in step_indices(len(indices), seed, 0, min(probe, len(indices)))]
+    if all(data.example(i)[0] is None for i in first):
+        raise ProxyVError(
+            f"no image could be decoded in the first {len(first)} examples of {data.source} "
+            f"(column '{data.image}'); check the image column"
+        )
+
+
+def lr_lambda(settings: DistillSettings):
+    def factor(step: int) -> float:
+        if step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def checkpoint_folder(model_dir: Path, out: Path | None) -> Path:
+    return (model_dir if out is None else out.parent / f".{out.name}") / CHECKPOINT_DIR
+
+
+def distill(
+    model_dir: str | Path,
+    data: str,
+    *,
+    settings: DistillSettings | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    columns: Columns = Columns(),
+    revision: str | None = None,
+    progress: bool = True,
+) -> DistillResult:
+    """Distill the ProxyV parameters of the model in `model_dir` against the same weights with ProxyV off, and write
+    them to `model_dir` (or to a copy at `out`), replacing only the ProxyV tensors."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from transformers import AutoProcessor
+
+    settings = settings or DistillSettings()
+    settings.check()
+    model_dir = Path(model_dir)
+    out = Path(out) if out is not None else None
+    if not is_proxyv_folder(model_dir):
+        raise ProxyVError(f"{model_dir} is not a ProxyV model folder; make one with `proxyv convert`")
+    if out is not None and out.exists() and not resume:
+        raise ProxyVError(f"{out} already exists; choose another --out or remove it")
+    checkpoints = checkpoint_folder(model_dir, out)
+    if checkpoints.exists() and not resume:
+        raise ProxyVError(
+            f"an unfinished distillation of this model is saved in {checkpoints}; continue it with --resume "
+            "or delete that folder to start over"
+        )
+    if resume and not checkpoints.exists():
+        raise ProxyVError(f"there is nothing to resume: no checkpoint in {checkpoints}")
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # so that `accelerate launch --multi_gpu` also runs CPU processes (gloo)
+        mixed_precision=settings.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    torch.manual_seed(settings.seed)
+    train = load_data(data, split=settings.train_split, columns=columns, revision=revision)
+    evaluation, eval_indices, train_indices = held_out(data, columns, revision, settings, train)
+    check_images_decode(train, train_indices, settings.seed)
+    model = load_model(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    image_token_id = model.config.image_token_id
+    proxyv = model.model.proxyv
+    model.requires_grad_(False)
+    proxyv.requires_grad_(True)
+    if settings.mixed_precision != "no":
+        proxyv.float()  # float32 master weights; autocast runs the matmuls in low precision
+    if settings.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(proxyv.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    train_batcher = Batcher(train, processor, image_token_id, settings.max_length)
+    eval_batcher = Batcher(evaluation, processor, image_token_id, settings.max_length)
+    fingerprint = {"data": str(data), "examples": len(train_indices), "seed": settings.seed,
+                   "batch_size": settings.batch_size, "gradient_accumulation": settings.gradient_accumulation,
+                   "processes": accelerator.num_processes}
+    if resume:
+        state = load_checkpoint(checkpoints, model, optimizer, scheduler)
+        if state["fingerprint"] != fingerprint:
+            raise ProxyVError(
+                "the checkpoint was made with other data or batch settings "
+                f"({state['fingerprint']} vs {fingerprint}); resume with the same ones"
+            )
+    else:
+        state = {"step": 0, "fingerprint": fingerprint, "losses": [], "skipped_images": 0, "skipped_long": 0,
+                 "seconds": 0.0, "before": agreement(model, eval_batcher, eval_indices, settings.batch_size,
+                                                     accelerator)}
+        if evaluation.answer:
+            state["before"]["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size)
+
+    per_process = settings.batch_size * settings.gradient_accumulation
+    global_batch = per_process * accelerator.num_processes
+    rank = accelerator.process_index
+    bar = tqdm(total=settings.steps, initial=state["step"], desc="distill", unit="step",
+               disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
+    started = time.perf_counter() - state["seconds"]
+    with _Interrupt() as interrupt:
+        while state["step"] < settings.steps:
+            step = state["step"]
+            indices = step_indices(len(train_indices), settings.seed, step, global_batch)
+            mine = [train_indices[i] for i in indices[rank * per_process : (rank + 1) * per_process]]
+            logged = train_step(model, optimizer, train_batcher, mine, settings, accelerator, state)
+            if not math.isfinite(logged["loss"]):
+                state["seconds"] = time.perf_counter() - started
+                if accelerator.is_main_process:
+                    save_checkpoint(checkpoints, model, optimizer, scheduler, state)
+                raise ProxyVError(
+                    f"the loss became {logged['loss']} at step {step + 1}; stopped without changing the model. "
+                    f"The last good weights (step {step}) are saved in {checkpoints}: resume with --resume and a "
+                    "smaller --lr", exit_code=1,
+                )
+            accelerator.clip_grad_norm_(proxyv.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step + 1
+            state["losses"].append({"step": step + 1, **{k: round(v, 6) for k, v in logged.items()}})
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in logged.items()})
+            done = state["step"] == settings.steps
+            if done or state["step"] % settings.checkpoint_every == 0 or interrupt.flag:
+                state["seconds"] = time.perf_counter() - started
+                if accelerator.is_main_process:
+                    save_checkpoint(checkpoints, model, optimizer, scheduler, state)
+                accelerator.wait_for_everyone()
+            if interrupt.flag and not done:
+                bar.close()
+                raise ProxyVError(
+                    f"interrupted at step {state['step']}; the progress is saved: continue with --resume",
+                    exit_code=130,
+                )
+    bar.close()
+    seconds = time.perf_counter() - started
+    after = agreement(model, eval_batcher, eval_indices, settings.batch_size, accelerator)
+    if evaluation.answer:
+        after["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size)
+    report = {
+        "model": str(model_dir), "data": str(data), "settings": asdict(settings),
+        "processes": accelerator.num_processes, "device": str(accelerator.device),
+        "steps": state["step"], "wall_seconds": round(seconds, 2),
+        "steps_per_second": round(state["step"] / max(seconds, 1e-9), 4),
+        "skipped": {"undecodable_images": state["skipped_images"], "too_long": state["skipped_long"]},
+        "loss_curve": state["losses"], "before": state["before"], "after": after,
+    }
+    target = out or model_dir
+    if accelerator.is_main_process:
+        params = {f"model.proxyv.{n}": p.detach() for n, p in unwrap(model).model.proxyv.named_parameters()}
+        write_proxyv_weights(model_dir, params, out=out, files={REPORT: json.dumps(report, indent=1)})
+        shutil.rmtree(checkpoints.parent if out is not None else checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return DistillResult(out=target, steps=state["step"], seconds=seconds, report=report)
+
+
+def train_step(model, optimizer, batcher: Batcher, indices: list[int], settings: DistillSettings, accelerator,
+               state: dict) -> dict[str, float]:
+    """Forward and backward over this process's micro-batches of one optimizer step; returns the mean loss terms."""
+    from contextlib import nullcontext
+
+    totals: dict[str, float] = {}
+    micro = settings.batch_size
+    chunks = [indices[i : i + micro] for i in range(0, len(indices), micro)]
+    for number, chunk in enumerate(chunks):
+        batch = batcher(chunk)
+        state["skipped_images"] += batch.skipped_images
+        state["skipped_long"] += batch.skipped_long
+        sync = nullcontext() if number == len(chunks) - 1 else accelerator.no_sync(model)
+        with sync:
+            if batch.used == 0:  # nothing usable: a zero loss keeps the processes in step
+                loss = sum(p.sum() for p in unwrap(model).model.proxyv.parameters()) * 0.0
+                terms = {}
+            else:
+                batch.inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
+                batch.image_mask = batch.image_mask.to(accelerator.device)
+                with accelerator.autocast():
+                    teacher, student = teacher_and_student(model, batch)
+                    terms = distill_losses(unwrap(model), student, teacher, batch, settings)
+                loss = terms["loss"]
+            accelerator.backward(loss / len(chunks))
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + float(torch.as_tensor(value).detach()) / len(chunks)
+    values = torch.tensor([totals.get(k, 0.0) for k in ("loss", "vision", "text", "kl")], device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean")
+    names = ["loss", "vision", "text"] + (["kl"] if settings.kl_weight > 0 else [])
+    return {name: float(values[i]) for i, name in enumerate(names)}
