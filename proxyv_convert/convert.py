@@ -40,7 +40,7 @@ from .safetensors_stream import (
     read_chunks,
     write_checkpoint,
 )
-from .source import Source, fetch_weights, processor_files, read_llava_config, resolve_source
+from .source import Source, fetch_weights, processor_files, read_llava_config, resolve_source, source_license
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -302,7 +302,7 @@ def write_folder_files(folder: Path, src: Source, config: ProxyVLlavaConfig, dty
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src.path / relative, folder / relative)
     sections = {
-        "model": {"source": src.name, "revision": src.revision, "dtype": dtype},
+        "model": {"source": src.name, "revision": src.revision, "dtype": dtype, **source_license(src.path)},
         "proxyv": {
             "start_layer": config.proxyv_start_layer,
             "reduce_factor": config.proxyv_reduce_factor,

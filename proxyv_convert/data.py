@@ -166,6 +166,8 @@ def _load_hub(name: str, revision: str | None) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(name, revision=revision)
     except datasets.exceptions.DatasetNotFoundError:
-        raise ProxyVError(f"dataset '{name}' was not found on the Hub (or is private: log in or set HF_TOKEN)") from None
+        raise ProxyVError(
+            f"dataset '{name}' was not found on the Hub (or is private: log in or set HF_TOKEN)"
+        ) from None
     except ConnectionError as error:
         raise ProxyVError(f"the Hub could not be reached to download '{name}' ({error}); pass a local path") from None

@@ -30,6 +30,7 @@ from .batching import Batch, Batcher
 from .data import Columns, ImageTextData, load_data
 from .errors import ProxyVError
 from .modeling import is_proxyv_folder, load_model
+from .recipe import RECIPE_FILE, dump_recipe, read_recipe
 from .weights import write_proxyv_weights
 
 CHECKPOINT_DIR = ".distill"
@@ -80,6 +81,33 @@ class DistillResult:
     steps: int
     seconds: float
     report: dict = field(default_factory=dict)
+
+
+def distill_command(model: str, data: str, settings: DistillSettings, *, out: str | None = None,
+                    columns: Columns = Columns()) -> str:
+    """The `proxyv distill` command line of a run: its data and every setting that differs from the default."""
+    import shlex
+
+    args = ["proxyv", "distill", model, "--data", data]
+    defaults = DistillSettings()
+    for name, value in asdict(settings).items():
+        if value != getattr(defaults, name):
+            option = "--" + name.replace("_", "-")
+            args += [option] if value is True else [option, str(value)]
+    for name, value in (("image", columns.image), ("prompt", columns.prompt), ("answer", columns.answer)):
+        if value != getattr(Columns(), name):
+            args += [f"--{name}-column", str(value)]
+    args += ["--out", out] if out else []
+    return shlex.join(args)
+
+
+def recipe_with_distill(folder: Path, data: str, settings: DistillSettings, command: str, columns: Columns) -> str:
+    """The folder's recipe text with this run's `distill` section and command added."""
+    sections, commands = read_recipe(folder)
+    section = {"data": data, **asdict(settings)}
+    if columns != Columns():
+        section["columns"] = asdict(columns)
+    return dump_recipe({**sections, "distill": section}, [*commands, command])
 
 
 # --- the objective -------------------------------------------------------------------------------------------------
@@ -226,7 +254,7 @@ def agreement(model, batcher: Batcher, indices: list[int], batch_size: int, acce
         real = batch.inputs["attention_mask"].bool()
         for name, mask in {"vision": real & batch.image_mask, "text": real & ~batch.image_mask}.items():
             cos = [F.cosine_similarity(s[mask].float(), t[mask].float(), dim=-1)
-                   for s, t in zip(student.hidden_states[start + 1 :], teacher.hidden_states[start + 1 :])]
+                   for s, t in zip(student.hidden_states[start + 1 :], teacher.hidden_states[start + 1 :], strict=True)]
             add(f"cosine_{name}", torch.stack(cos, dim=1))  # (N, layers)
         positions = kl_positions(batch)
         head = core.get_output_embeddings()
@@ -265,12 +293,15 @@ def task_agreement(model, data: ImageTextData, indices: list[int], processor, ba
         with core.proxyv_disabled():
             teacher += generate_answers(core, processor, images, prompts, max_new_tokens=16)
     core.train()
-    n = max(len(answers), 1)
+    def rate(first: list[str], second: list[str]) -> float:
+        same = sum(normalise(x) == normalise(y) for x, y in zip(first, second, strict=True))
+        return round(same / max(len(first), 1), 6)
+
     return {
         "examples": len(answers),
-        "student_accuracy": round(sum(normalise(s) == normalise(a) for s, a in zip(student, answers)) / n, 6),
-        "teacher_accuracy": round(sum(normalise(t) == normalise(a) for t, a in zip(teacher, answers)) / n, 6),
-        "answer_agreement": round(sum(normalise(s) == normalise(t) for s, t in zip(student, teacher)) / n, 6),
+        "student_accuracy": rate(student, answers),
+        "teacher_accuracy": rate(teacher, answers),
+        "answer_agreement": rate(student, teacher),
     }
 
 
@@ -459,7 +490,7 @@ def distill(
     if evaluation.answer:
         after["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size)
     report = {
-        "model": str(model_dir), "data": str(data), "settings": asdict(settings),
+        "model": str(model_dir), "data": str(data), "settings": asdict(settings), "columns": asdict(columns),
         "processes": accelerator.num_processes, "device": str(accelerator.device),
         "steps": state["step"], "wall_seconds": round(seconds, 2),
         "steps_per_second": round(state["step"] / max(seconds, 1e-9), 4),
@@ -469,7 +500,12 @@ def distill(
     target = out or model_dir
     if accelerator.is_main_process:
         params = {f"model.proxyv.{n}": p.detach() for n, p in unwrap(model).model.proxyv.named_parameters()}
-        write_proxyv_weights(model_dir, params, out=out, files={REPORT: json.dumps(report, indent=1)})
+        command = distill_command(str(model_dir), str(data), settings, out=None if out is None else str(out),
+                                  columns=columns)
+        files = {REPORT: json.dumps(report, indent=1)}
+        if (model_dir / RECIPE_FILE).is_file():
+            files[RECIPE_FILE] = recipe_with_distill(model_dir, str(data), settings, command, columns)
+        write_proxyv_weights(model_dir, params, out=out, files=files)
         shutil.rmtree(checkpoints.parent if out is not None else checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()
     return DistillResult(out=target, steps=state["step"], seconds=seconds, report=report)

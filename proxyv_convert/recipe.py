@@ -62,3 +62,4 @@ def read_recipe(folder: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
         raise ProxyVError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
     commands = [line[2:] for line in itertools.takewhile(lambda line: line.startswith("# "), text.splitlines())]
     return sections, commands
+

@@ -25,6 +25,8 @@ PROCESSOR_PATTERNS = (
     "chat_template.json", "chat_template.jinja", "additional_chat_templates/*.jinja", "generation_config.json",
 )  # fmt: skip
 WEIGHT_PATTERNS = ("*.safetensors", INDEX_FILE)
+CARD_FILE = "README.md"  # read for its licence metadata, never copied (the converted model gets its own card)
+LICENSE_KEYS = ("license", "license_name", "license_link")
 
 if TYPE_CHECKING:
     from transformers import LlavaConfig
@@ -52,7 +54,7 @@ def resolve_source(source: str, *, revision: str | None = None, trust_remote_cod
         return Source(str(path.resolve()), path.resolve(), None, hub=False)
     if _looks_local(source) or not _is_hub_id(source):
         raise ProxyVError(f"SRC {source} does not exist (neither a local folder nor a valid Hub id)")
-    patterns = ["config.json", *PROCESSOR_PATTERNS] + (["*.py"] if trust_remote_code else [])
+    patterns = ["config.json", CARD_FILE, *PROCESSOR_PATTERNS] + (["*.py"] if trust_remote_code else [])
     folder = _download(source, revision, patterns)
     commit = folder.name if folder.parent.name == "snapshots" else revision
     return Source(source, folder, commit, hub=True)
@@ -156,3 +158,24 @@ def processor_files(folder: Path) -> list[Path]:
     """The processor, tokenizer, chat template and generation config files of a checkpoint (relative paths)."""
     files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
     return [f for f in files if any(fnmatch.fnmatch(f.as_posix(), pattern) for pattern in PROCESSOR_PATTERNS)]
+
+
+def source_license(folder: Path) -> dict[str, str]:
+    """The licence metadata (`license`, and `license_name`/`license_link` for "other") of a checkpoint's model card
+    front matter; empty when there is no card or it names no licence."""
+    import yaml
+
+    path = folder / CARD_FILE
+    if not path.is_file():
+        return {}
+    lines = path.read_text(errors="replace").splitlines()
+    if not lines or lines[0].strip() != "---" or "---" not in (line.strip() for line in lines[1:]):
+        return {}
+    end = next(i for i, line in enumerate(lines[1:], 1) if line.strip() == "---")
+    try:
+        meta = yaml.safe_load("\n".join(lines[1:end]))
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(meta, dict) or not isinstance(meta.get("license"), str):
+        return {}
+    return {key: str(meta[key]) for key in LICENSE_KEYS if isinstance(meta.get(key), str)}

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_output
-from .safetensors_stream import OutputTensor, copy_bytes, read_checkpoint, write_shard
 from .errors import ProxyVError
+from .safetensors_stream import OutputTensor, copy_bytes, read_checkpoint, write_shard
 
 PROXYV_PREFIX = "model.proxyv."
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -34,7 +34,9 @@ def _replace_in_folder(folder: Path, params: dict[str, torch.Tensor]) -> None:
     proxyv = {name: info for name, info in stored.items() if name.startswith(PROXYV_PREFIX)}
     if set(proxyv) != set(params):
         missing, extra = sorted(set(proxyv) - set(params)), sorted(set(params) - set(proxyv))
-        raise ProxyVError(f"{folder} holds other ProxyV tensors than the model (missing {missing[:3]}, extra {extra[:3]})")
+        raise ProxyVError(
+            f"{folder} holds other ProxyV tensors than the model (missing {missing[:3]}, extra {extra[:3]})"
+        )
     for path in sorted({info.path for info in proxyv.values()}):
         tensors = []
         for name, info in stored.items():

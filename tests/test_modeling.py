@@ -352,11 +352,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(source):
         model.requires_grad_(False)
         model.model.proxyv.requires_grad_(True)
         last = model.model.language_model.layers[-1].mlp
-        count = []
-        hook = last.register_forward_hook(lambda *args: count.append(1))
+        forward_calls = []
+        hook = last.register_forward_hook(lambda *args, seen=forward_calls: seen.append(1))
         model(input_ids=ids, pixel_values=pixels, use_cache=False).logits.pow(2).mean().backward()
         hook.remove()
-        calls.append(len(count))
+        calls.append(len(forward_calls))
         grads.append({n: p.grad.clone() for n, p in model.model.proxyv.named_parameters()})
     assert calls == [1, 2], "with checkpointing the ProxyV layer runs again in the backward pass"
     assert grads[0].keys() == grads[1].keys()

@@ -1,1 +1,1 @@
-"""The ProxyV model code that is copied into every converted checkpoint (self-contained: stdlib, torch, transformers)."""
+"""The ProxyV model code copied into every converted checkpoint (self-contained: stdlib, torch, transformers)."""

@@ -38,6 +38,17 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def flat_rows(index: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B, K) row indices into (B, rows, D) -> (B*K,) indices into its (B*rows, D) view."""
+    offsets = torch.arange(index.shape[0], device=index.device)[:, None] * rows
+    return (index + offsets).reshape(-1)
+
+
+def select_rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Rows of x (B, L, D) at flat indices from `flat_rows` -> (B, K, D): one contiguous row copy per index."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, flat_index).view(x.shape[0], -1, x.shape[-1])
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -204,6 +215,13 @@ class ProxyVPlan:
         slots = torch.arange(self.num_images, device=device)[:, None] * self.proxies_per_image
         self.upsample_index = (slots + proxy_of_cell).reshape(num_vision)  # (V,)
 
+        # The same index sets flattened for the (B*rows, H) views they are used on (index_select copies whole rows).
+        rows = seq + proxies
+        self.query_rows = flat_rows(self.query_index, rows)
+        self.vision_rows = flat_rows(self.vision_index, rows)
+        self.vision_rows_start = flat_rows(self.vision_index, seq)  # at the start layer, before the proxies exist
+        self.out_rows = flat_rows(self.out_index, text_slots + proxies + num_vision)
+
         self.mask = self._attention_mask(image_mask, attention_mask, counts, proxy_valid, sliding_window)
         self._rope_source: torch.Tensor | None = None
         self._rope: tuple[torch.Tensor, ...] = ()
@@ -237,7 +255,7 @@ class ProxyVPlan:
     def make_proxies(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, H) states at the start layer -> (B, P, H) proxies: bilinear downsampling of each image grid."""
         batch, _, width = hidden.shape
-        vision = gather_rows(hidden, self.vision_index)  # (B, M*g*g, H)
+        vision = select_rows(hidden, self.vision_rows_start)  # (B, M*g*g, H)
         grid = vision.view(batch * self.num_images, self.grid, self.grid, width).permute(0, 3, 1, 2)
         small = F.interpolate(grid, size=(self.side, self.side), mode="bilinear", align_corners=False)
         return small.permute(0, 2, 3, 1).reshape(batch, self.num_proxies, width)
@@ -295,6 +313,7 @@ class ProxyVDecoderLayerMixin:
         layer_idx = attn.layer_idx
         seq = plan.seq_len
         if layer_idx == plan.start_layer:
+            hidden_states = hidden_states.contiguous()
             hidden_states = torch.cat([hidden_states, plan.make_proxies(hidden_states)], dim=1)
         batch, rows, _ = hidden_states.shape  # rows = T + P
         queries = plan.query_index.shape[1]
@@ -303,7 +322,7 @@ class ProxyVDecoderLayerMixin:
         normed = self.input_layernorm(hidden_states)  # (B, T+P, H)
         key = attn.k_proj(normed).view(batch, rows, -1, attn.head_dim).transpose(1, 2)  # (B, kv_h, T+P, d)
         value = attn.v_proj(normed).view(batch, rows, -1, attn.head_dim).transpose(1, 2)
-        query = attn.q_proj(gather_rows(normed, plan.query_index))
+        query = attn.q_proj(select_rows(normed, plan.query_rows))
         query = query.view(batch, queries, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
         query, key = apply_rope(query, cos_q, sin_q), apply_rope(key, cos_k, sin_k)
 
@@ -312,16 +331,16 @@ class ProxyVDecoderLayerMixin:
             cache.update(key[:, :, :seq], value[:, :, :seq], layer_idx)
 
         attended = proxyv_attention(attn, query, key, value, plan.mask).reshape(batch, queries, -1)
-        residual = gather_rows(hidden_states, plan.query_index)  # (B, Q, H)
+        residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
         out_q = residual + attn.o_proj(attended)
         out_q = out_q + self.mlp(self.post_attention_layernorm(out_q))
 
         vision_mlp = plan.modules.vision_mlps[str(layer_idx)]
-        vision = gather_rows(hidden_states, plan.vision_index)  # (B, V, H)
+        vision = select_rows(hidden_states, plan.vision_rows)  # (B, V, H)
         new_proxies = out_q[:, plan.num_text_slots :]  # (B, P, H)
         out_v = vision_mlp(vision, new_proxies, plan.upsample_index)
 
-        out = gather_rows(torch.cat([out_q, out_v], dim=1), plan.out_index)  # (B, T+P, H)
+        out = select_rows(torch.cat([out_q, out_v], dim=1), plan.out_rows)  # (B, T+P, H)
         if layer_idx == plan.last_layer:
             out = out[:, :seq]
         return out

@@ -1,0 +1,101 @@
+"""ProxyV prefill speed against the same weights with ProxyV off, for several start layers, in one run.
+
+A random LLaVA (CLIP-L/336-like grid of 24x24 = 576 image tokens, a Llama language model of the given width and
+depth) is converted in memory with a non-zero VisionMLP, then `proxyv_convert.bench` times both modes on the same
+inputs, interleaved. The printed ratios (ProxyV / off) are the result; absolute times depend on the machine.
+
+    python benchmarks/prefill_speed.py                       # CPU target: hidden 1024, 16 layers, start layers 4/8/12
+    # GPU targets (LLaVA-1.5-7B shape, bf16): batch 1 and 8 with one 576-token image, batch 1 with 5 crops (2,880)
+    python benchmarks/prefill_speed.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 11008 \
+        --layers 32 --heads 32 --start-layers 12 --cases 1x1 8x1 1x5 --no-whole-model [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+from proxyv_convert.bench import bench, format_report
+from proxyv_convert.modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration
+
+
+def random_model(args: argparse.Namespace, start_layer: int) -> ProxyVLlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden, num_hidden_layers=args.vision_layers,
+        num_attention_heads=max(1, args.vision_hidden // 64), image_size=336, patch_size=14,
+        projection_dim=args.vision_hidden,
+    )
+    text = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
+                       vocab_size=args.vocab, max_position_embeddings=8192)
+    llava = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=args.vocab - 1)
+    config = ProxyVLlavaConfig.from_llava_config(llava, proxyv_start_layer=start_layer, proxyv_reduce_factor=4)
+    config._attn_implementation = args.attn
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = ProxyVLlavaForConditionalGeneration(config)
+    model = model.to(getattr(torch, args.dtype)).eval()
+    with torch.no_grad():  # a trained-looking VisionMLP: its output layer is not zero
+        for mlp in model.model.proxyv.vision_mlps.values():
+            mlp.out.weight.normal_(0.0, 0.02)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=32064)
+    parser.add_argument("--vision-hidden", type=int, default=256)
+    parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--start-layers", type=int, nargs="+", default=[4, 8, 12])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--images", type=int, nargs="+", default=[1])
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--cases", nargs="+", help="BATCHxIMAGES cases, e.g. 1x1 8x1 1x5 (instead of the product).")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA).")
+    parser.add_argument("--no-whole-model", action="store_true", help="Time only the language model.")
+    parser.add_argument("--json", help="Also write the reports to this file.")
+    args = parser.parse_args(argv)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, command: {' '.join(sys.argv)}",
+          flush=True)
+    reports = []
+    for start_layer in args.start_layers:
+        started = time.perf_counter()
+        model = random_model(args, start_layer)
+        cases = tuple(tuple(int(n) for n in case.split("x")) for case in args.cases) if args.cases else None
+        report = bench(model, batch_sizes=tuple(args.batch_sizes), images=tuple(args.images), cases=cases,
+                       text_tokens=args.text_tokens, repeats=args.repeats, warmup=args.warmup, compile=args.compile,
+                       compile_mode=args.compile_mode, whole_model=not args.no_whole_model)
+        print(format_report(report), flush=True)
+        print(f"({time.perf_counter() - started:.0f} s)\n", flush=True)
+        reports.append(report)
+        del model
+    print("summary: start layer -> FLOPs ratio, LM prefill time ratio, time ratio / FLOPs ratio, decode ratio")
+    for report in reports:
+        for c in report.cases:
+            print(f"  L{report.start_layer:<3} batch {c.batch} images {c.images}: FLOPs {c.flops_ratio:.3f}  "
+                  f"time {c.lm_prefill_ratio:.3f}  time/FLOPs {c.lm_prefill_ratio / c.flops_ratio:.3f}  "
+                  f"decode {c.decode_ratio or float('nan'):.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([json.loads(r.to_json()) for r in reports], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

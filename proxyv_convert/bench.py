@@ -1,0 +1,364 @@
+"""Measure ProxyV against the same weights with ProxyV off, in one process, on the same inputs, in the same mode.
+
+For each case (batch size, images per prompt) it reports
+  - counted FLOPs of the language-model prefill: every matmul and attention call, counted by
+    `torch.utils.flop_counter.FlopCounterMode` while the forward runs (elementwise work is not counted);
+  - prefill latency: median of interleaved repeats (off, ProxyV, ProxyV, off, ...) after warm-up, for the language
+    model alone (from the merged input embeddings; the ProxyV plan is built inside the timed region) and for the
+    whole model (vision tower + projector + language model, as `generate` prefills);
+  - decode latency per token after that prefill (ProxyV only changes the prefill; this checks it costs nothing);
+  - peak memory of the prefill (CUDA: allocator peak; CPU: peak of the profiler's allocation trace).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .errors import ProxyVError
+
+REPORT = "bench_report.json"
+
+
+def _cache_keyword() -> str:
+    """transformers renamed `past_key_values` to `cache` (5.18+); use whichever this version takes."""
+    from transformers import LlavaForConditionalGeneration
+
+    parameters = inspect.signature(LlavaForConditionalGeneration.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+@dataclass
+class BenchCase:
+    batch: int
+    images: int
+    image_tokens: int
+    text_tokens: int
+    flops: dict[str, float] = field(default_factory=dict)  # GFLOPs of the language-model prefill
+    flops_ratio: float = 0.0
+    lm_prefill_ms: dict[str, float] = field(default_factory=dict)
+    lm_prefill_ratio: float = 0.0
+    prefill_ms: dict[str, float] = field(default_factory=dict)
+    prefill_ratio: float = 0.0
+    decode_ms_per_token: dict[str, float] = field(default_factory=dict)
+    decode_ratio: float = 0.0
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BenchReport:
+    device: str
+    dtype: str
+    mode: str
+    start_layer: int
+    reduce_factor: int
+    repeats: int
+    command: str = ""
+    cases: list[BenchCase] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_cpu_sdpa_flops._get_raw = False  # FlopCounterMode passes shapes to formulas without this marker
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """GFLOPs of every matmul and attention call in `fn` (CPU attention kernels included)."""
+    mapping = {}
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_attention is not None:
+        mapping[cpu_attention] = _cpu_sdpa_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                        device: torch.device) -> dict[str, float]:
+    """Median milliseconds of each run, alternating the order every repeat so drift hits both sides alike."""
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: round(statistics.median(values), 3) for name, values in times.items()}
+
+
+class _TensorMemory:
+    """Peak bytes of the tensors created while it is active (a dispatch mode that tracks storages until freed)."""
+
+    def __init__(self):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for key, (ref, size) in list(tracker.live.items()):
+                    if ref.expired():
+                        del tracker.live[key]
+                        tracker.current -= size
+                for tensor in tree_leaves(out):
+                    if isinstance(tensor, torch.Tensor):
+                        storage = tensor.untyped_storage()
+                        ref = StorageWeakRef(storage)
+                        if ref.cdata not in tracker.live:
+                            tracker.live[ref.cdata] = (ref, storage.nbytes())
+                            tracker.current += storage.nbytes()
+                tracker.peak = max(tracker.peak, tracker.current)
+                return out
+
+        self.mode = Mode()
+        self.live: dict[int, tuple[object, int]] = {}
+        self.current = self.peak = 0
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of the tensors `fn` allocates (activations, caches; not the weights). CUDA: the allocator's peak
+    above what was allocated before; CPU: tensors tracked from creation until their storage is freed."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
+    tracker = _TensorMemory()
+    with tracker.mode:
+        fn()
+    return round(tracker.peak / 2**20, 1)
+
+
+def synthetic_inputs(model, batch: int, images: int, text_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Prompts of `text_tokens` random text tokens around `images` images each (no padding)."""
+    config = model.config
+    per_image = config.proxyv_grid**2
+    generator = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    low = 3  # keep clear of the usual special tokens
+    text = torch.randint(low, vocab, (batch, text_tokens), generator=generator)
+    text[text == config.image_token_id] = low
+    before = max(1, text_tokens // 8)  # a short system/user prefix before the first image, the rest after
+    parts = [text[:, :before]]
+    for _ in range(images):
+        parts.append(torch.full((batch, per_image), config.image_token_id))
+    parts.append(text[:, before:])
+    input_ids = torch.cat(parts, dim=1)
+    size = config.vision_config.image_size
+    pixel_values = torch.randn(batch * images, 3, size, size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+
+
+class Runner:
+    """The timed functions of one case, on one model, with ProxyV on and off."""
+
+    def __init__(self, model, inputs: dict[str, torch.Tensor], compiled_lm=None):
+        self.model = model
+        self.core = model.model
+        self.lm = self.core.language_model if compiled_lm is None else compiled_lm
+        device, dtype = model.device, model.dtype
+        self.inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        with torch.no_grad():
+            features = self.core.get_image_features(pixel_values=self.inputs["pixel_values"]).pooler_output
+            features = torch.cat(list(features), dim=0)
+            embeds = self.core.get_input_embeddings()(self.inputs["input_ids"])
+            mask = (self.inputs["input_ids"] == model.config.image_token_id)[..., None].expand_as(embeds)
+            self.embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+
+    @torch.no_grad()
+    def lm_prefill(self, proxyv: bool):
+        kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False}
+        if proxyv:
+            kwargs["proxyv_plan"] = self.core._make_plan({"input_ids": self.inputs["input_ids"],
+                                                          "attention_mask": self.inputs["attention_mask"]})
+        return self.lm(**kwargs).last_hidden_state
+
+    @torch.no_grad()
+    def prefill(self, proxyv: bool):
+        with self._mode(proxyv):
+            return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+
+    @torch.no_grad()
+    def decode_ms_per_token(self, proxyv: bool, tokens: int, device: torch.device) -> float:
+        """Median milliseconds of one greedy decode step after a prefill."""
+        with self._mode(proxyv):
+            out = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+            mask = self.inputs["attention_mask"]
+            times = []
+            for _ in range(tokens):
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                synchronize(device)
+                start = time.perf_counter()
+                out = self.model(input_ids=token, attention_mask=mask, use_cache=True, **{_cache_keyword(): cache})
+                synchronize(device)
+                times.append((time.perf_counter() - start) * 1000)
+                token = out.logits[:, -1:].argmax(-1)
+        return statistics.median(times[1:] or times)
+
+    def _mode(self, proxyv: bool):
+        import contextlib
+
+        return contextlib.nullcontext() if proxyv else self.model.proxyv_disabled()
+
+
+def bench(
+    model,
+    *,
+    batch_sizes: tuple[int, ...] = (1,),
+    images: tuple[int, ...] = (1,),
+    text_tokens: int = 64,
+    repeats: int = 10,
+    warmup: int = 3,
+    decode_tokens: int = 16,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    cases: tuple[tuple[int, int], ...] | None = None,
+    memory: bool = True,
+    whole_model: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Benchmark a loaded ProxyV model (see the module docstring). `cases` ((batch, images), ...) replaces the
+    product of `batch_sizes` and `images`. With `compile`, the language model is compiled once and both sides run
+    it; `compile_mode` defaults to "reduce-overhead" (CUDA graphs) on CUDA and "default" elsewhere."""
+    if not hasattr(model, "proxyv_disabled"):
+        raise ProxyVError("bench needs a ProxyV model (from proxyv convert)")
+    device = model.device
+    if compile_mode is None:
+        compile_mode = "reduce-overhead" if device.type == "cuda" else "default"
+    compiled = torch.compile(model.model.language_model, mode=compile_mode) if compile else None
+    report = BenchReport(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
+        "threads)",
+        dtype=str(model.dtype).removeprefix("torch."), mode=f"compile ({compile_mode})" if compile else "eager",
+        start_layer=model.config.proxyv_start_layer, reduce_factor=model.config.proxyv_reduce_factor,
+        repeats=repeats,
+    )
+    for batch, count in cases or [(b, n) for b in batch_sizes for n in images]:
+        inputs = synthetic_inputs(model, batch, count, text_tokens)
+        runner = Runner(model, inputs, compiled)
+        case = BenchCase(batch=batch, images=count, image_tokens=count * model.config.proxyv_grid**2,
+                         text_tokens=text_tokens)
+        if progress:
+            progress(f"batch {batch}, {count} image(s): counting FLOPs")
+        plain = Runner(model, inputs)  # FLOPs are counted on the eager graph
+        sides = {"off": False, "proxyv": True}
+        case.flops = {side: round(count_flops(partial(plain.lm_prefill, on)), 3) for side, on in sides.items()}
+        case.flops_ratio = round(case.flops["proxyv"] / case.flops["off"], 4)
+        if progress:
+            progress(f"batch {batch}, {count} image(s): timing the language-model prefill")
+        case.lm_prefill_ms = interleaved_medians(
+            {side: partial(runner.lm_prefill, on) for side, on in sides.items()}, repeats, warmup, device
+        )
+        case.lm_prefill_ratio = round(case.lm_prefill_ms["proxyv"] / case.lm_prefill_ms["off"], 4)
+        if whole_model:
+            if progress:
+                progress(f"batch {batch}, {count} image(s): timing the whole-model prefill and decoding")
+            case.prefill_ms = interleaved_medians(
+                {side: partial(runner.prefill, on) for side, on in sides.items()}, repeats, warmup, device
+            )
+            case.prefill_ratio = round(case.prefill_ms["proxyv"] / case.prefill_ms["off"], 4)
+            case.decode_ms_per_token = {
+                side: round(runner.decode_ms_per_token(on, decode_tokens, device), 3) for side, on in sides.items()
+            }
+            case.decode_ratio = round(case.decode_ms_per_token["proxyv"] / case.decode_ms_per_token["off"], 4)
+        if memory:
+            case.peak_memory_mb = {
+                side: peak_memory_mb(partial(plain.lm_prefill, on), device) for side, on in sides.items()
+            }
+        report.cases.append(case)
+    return report
+
+
+def format_report(report: BenchReport) -> str:
+    lines = [
+        f"device {report.device}, {report.dtype}, {report.mode}, ProxyV from layer {report.start_layer}, "
+        f"reduce factor {report.reduce_factor}, median of {report.repeats} interleaved repeats",
+        f"{'batch':>5} {'images':>6} {'tokens':>6} {'GFLOPs off':>10} {'FLOPs ratio':>11} {'LM off ms':>9} "
+        f"{'LM ProxyV ms':>12} {'LM ratio':>8} {'ratio/FLOPs':>11} {'model ratio':>11} {'decode ratio':>12}",
+    ]
+    for c in report.cases:
+        lines.append(
+            f"{c.batch:>5} {c.images:>6} {c.image_tokens + c.text_tokens:>6} {c.flops['off']:>10.1f} "
+            f"{c.flops_ratio:>11.3f} {c.lm_prefill_ms['off']:>9.1f} {c.lm_prefill_ms['proxyv']:>12.1f} "
+            f"{c.lm_prefill_ratio:>8.3f} {c.lm_prefill_ratio / c.flops_ratio:>11.3f} "
+            f"{c.prefill_ratio or float('nan'):>11.3f} {c.decode_ratio or float('nan'):>12.3f}"
+        )
+    return "\n".join(lines)
+
+
+def write_report(folder: Path, report: BenchReport) -> Path:
+    path = Path(folder) / REPORT
+    tmp = path.with_name(f".{REPORT}.tmp")
+    tmp.write_text(report.to_json())
+    tmp.replace(path)
+    return path
+
+
+def run_bench(
+    folder: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    attn: str = "sdpa",
+    write: bool = True,
+    **options,
+) -> tuple[BenchReport, Path | None]:
+    """Load a ProxyV folder, benchmark it (options as `bench`), and write bench_report.json into the folder."""
+    import shlex
+    import sys
+
+    from .modeling import is_proxyv_folder, load_model
+
+    folder = Path(folder)
+    if not is_proxyv_folder(folder):
+        raise ProxyVError(f"{folder} is not a ProxyV model folder; make one with `proxyv convert`")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ProxyVError(f"--dtype {dtype} is not one of auto, float32, bfloat16, float16")
+    if attn not in ("sdpa", "eager"):
+        raise ProxyVError(f"--attn {attn} is not one of sdpa, eager")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ProxyVError(f"--device {device} is not a device torch knows") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ProxyVError(f"--device {device}: CUDA is not available here")
+    model = load_model(folder, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device,
+                       attn_implementation=attn)
+    report = bench(model, **options)
+    report.command = shlex.join(["proxyv", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("proxyv", "cli.py") else (
+        f"proxyv bench {folder}")
+    if not write:
+        return report, None
+    return report, write_report(folder, report)

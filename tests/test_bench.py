@@ -1,0 +1,118 @@
+"""`proxyv bench`: counted FLOPs match the method's arithmetic, reports are complete and written, errors are clear."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_modeling import convert_in_memory
+from tiny_models import save_tiny_llava, tiny_llava
+
+from proxyv_convert.bench import REPORT, bench, count_flops, peak_memory_mb, synthetic_inputs
+from proxyv_convert.convert import convert
+
+
+def layer_flops(config, rows: int, queries: int, proxies: int = 0, vision: int = 0) -> int:
+    """Matmul FLOPs of one decoder layer: `queries` rows get q/o/FFN, `rows` rows give keys/values; a ProxyV layer
+    also runs its VisionMLP on `vision` full tokens and `proxies` proxies."""
+    text = config.text_config
+    hidden, inter, heads = text.hidden_size, text.intermediate_size, text.num_attention_heads
+    head_dim = hidden // heads
+    kv = text.num_key_value_heads * head_dim
+    flops = 2 * queries * hidden * hidden * 2 + 2 * rows * hidden * kv * 2  # q, o; k, v
+    flops += 2 * queries * hidden * inter * 3  # gate, up, down
+    flops += 2 * heads * queries * rows * head_dim * 2  # scores and weighted values
+    if vision:
+        width = config.proxyv_vision_mlp_size
+        flops += 2 * vision * hidden * width + 2 * proxies * hidden * width  # the two input projections
+        flops += 2 * vision * 2 * width * width + 2 * vision * width * hidden  # fuse, out
+    return flops
+
+
+def test_counted_flops_match_the_arithmetic():
+    model = convert_in_memory(tiny_llava(), randomize=False)
+    config = model.config
+    inputs = synthetic_inputs(model, batch=1, images=1, text_tokens=20)
+    seq = inputs["input_ids"].shape[1]
+    vision = config.proxyv_grid**2
+    proxies = vision // config.proxyv_reduce_factor**2
+    text = seq - vision
+    from proxyv_convert.bench import Runner
+
+    runner = Runner(model, inputs)
+    layers = config.text_config.num_hidden_layers
+    start = config.proxyv_start_layer
+    full = layer_flops(config, seq, seq)
+    proxyv = layer_flops(config, seq + proxies, text + proxies, proxies, vision)
+    assert count_flops(lambda: runner.lm_prefill(False)) * 1e9 == pytest.approx(layers * full, rel=1e-9)
+    assert count_flops(lambda: runner.lm_prefill(True)) * 1e9 == pytest.approx(
+        start * full + (layers - start) * proxyv, rel=1e-9
+    )
+
+
+def test_peak_memory_tracks_live_tensors():
+    def three_live_then_two():
+        a, b = torch.ones(256, 1024), torch.ones(256, 1024)  # 1 MiB each
+        c = a + b
+        del a, b
+        return c * 2
+
+    assert peak_memory_mb(three_live_then_two, torch.device("cpu")) == 3.0
+
+
+def test_bench_report_is_complete():
+    model = convert_in_memory(tiny_llava(), randomize=False)
+    report = bench(model, batch_sizes=(1, 2), images=(1, 2), text_tokens=16, repeats=2, warmup=1, decode_tokens=3)
+    assert [(c.batch, c.images) for c in report.cases] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for case in report.cases:
+        assert 0 < case.flops_ratio < 1
+        assert case.flops["off"] > case.flops["proxyv"] > 0
+        for timing in (case.lm_prefill_ms, case.prefill_ms, case.decode_ms_per_token):
+            assert set(timing) == {"off", "proxyv"} and min(timing.values()) > 0
+        assert case.peak_memory_mb["off"] > 0 and case.peak_memory_mb["proxyv"] > 0
+        assert case.image_tokens == case.images * 576
+    more_images = {c.images: c.flops_ratio for c in report.cases if c.batch == 1}
+    assert more_images[2] < more_images[1], "more vision tokens, larger saving"
+    assert json.loads(report.to_json())["mode"] == "eager"
+
+
+def test_cli_writes_the_report_and_the_card_shows_it(tmp_path):
+    source = save_tiny_llava(tmp_path / "source")
+    convert(str(source), tmp_path / "m", layer=2, progress=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxyv_convert.cli", "bench", str(tmp_path / "m"), "--repeats", "2", "--warmup", "1",
+         "--device", "cpu"], capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "m" / REPORT).read_text())
+    assert report["cases"][0]["batch"] == 1 and report["command"].startswith("proxyv bench")
+    assert "FLOPs ratio" in result.stdout and f"Report: {tmp_path / 'm' / REPORT}" in result.stdout
+    from proxyv_convert.card import model_card
+
+    assert "## Speed" in model_card(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--device", "cuda:7"], "CUDA is not available"),
+        (["--dtype", "int8"], "--dtype int8 is not one of"),
+        (["--attn", "flash"], "--attn flash is not one of"),
+    ],
+)
+def test_cli_errors(tmp_path, args, message):
+    source = save_tiny_llava(tmp_path / "source")
+    convert(str(source), tmp_path / "m", layer=2, progress=False)
+    result = subprocess.run([sys.executable, "-m", "proxyv_convert.cli", "bench", str(tmp_path / "m"), *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_cli_refuses_a_plain_llava(tmp_path):
+    source = save_tiny_llava(tmp_path / "source")
+    result = subprocess.run([sys.executable, "-m", "proxyv_convert.cli", "bench", str(source)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "is not a ProxyV model folder" in result.stderr
