@@ -39,6 +39,45 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+RecipeOption = Annotated[
+    str | None,
+    typer.Option("--recipe", help="Recipe file (or shipped recipe name): options not given here come from it.",
+                 show_default=False),
+]
+
+
+def from_recipe(ctx: typer.Context, recipe: str | None, values: dict, mapping: dict[str, str]) -> dict:
+    """The command's parameter `values`, with those the user did not give taken from the recipe (`mapping`: parameter
+    name -> dotted recipe key), so that a command with --recipe and `proxyv run` agree."""
+    if recipe is None:
+        return values
+    import json
+
+    from .recipes import load_recipe, resolve_model_source
+
+    loaded, _ = load_recipe(recipe)
+    data = json.loads(loaded.model_dump_json())
+    data["model"]["source"] = resolve_model_source(loaded.model.source)
+    merged = dict(values)
+    for name, key in mapping.items():
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):  # given on the command line
+            continue
+        node = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            merged[name] = node
+    return merged
+
+
+def require(values: dict, **names: str) -> None:
+    """ProxyVError for each required value still missing after the recipe: `names` maps parameter -> how to give it."""
+    for name, how in names.items():
+        if values.get(name) is None:
+            raise ProxyVError(f"{how} is required (give it, or a --recipe that sets it)")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"proxyv {__version__}")
@@ -58,9 +97,17 @@ def _root(
     epilog="Example: proxyv convert llava-hf/llava-1.5-7b-hf --layer 12 --out ./llava-1.5-7b-proxyv-l12",
 )
 def convert(
-    src: Annotated[str, typer.Argument(help="LLaVA checkpoint: a local folder or a Hub id.", show_default=False)],
-    layer: Annotated[int, typer.Option("--layer", "-l", help="First decoder layer that runs ProxyV.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist, unless --overwrite).")],
+    ctx: typer.Context,
+    src: Annotated[
+        str | None, typer.Argument(help="LLaVA checkpoint: a local folder or a Hub id.", show_default=False)
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option("--layer", "-l", help="First decoder layer that runs ProxyV.", show_default=False)
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (must not exist, unless --overwrite).", show_default=False),
+    ] = None,
     reduce_factor: Annotated[int, typer.Option(help="Downsample each image's token grid by this factor per side.")] = 4,
     dtype: Annotated[str, typer.Option(help="auto (keep), float32, bfloat16 or float16.")] = "auto",
     overwrite: Annotated[
@@ -71,21 +118,22 @@ def convert(
         bool, typer.Option("--trust-remote-code", help="Allow custom code in SRC's config.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    recipe: RecipeOption = None,
 ) -> None:
     """Insert ProxyV modules into a LLaVA checkpoint and write a ProxyV checkpoint (weights streamed, not loaded)."""
     with user_errors():
         from .convert import convert as convert_checkpoint
 
+        v = from_recipe(ctx, recipe, locals(), {
+            "src": "model.source", "layer": "proxyv.start_layer", "out": "output", "reduce_factor":
+            "proxyv.reduce_factor", "dtype": "model.dtype", "revision": "model.revision",
+            "trust_remote_code": "model.trust_remote_code",
+        })
+        require(v, src="SRC", layer="--layer", out="--out")
+        layer, reduce_factor = v["layer"], v["reduce_factor"]
         result = convert_checkpoint(
-            src,
-            out,
-            layer=layer,
-            reduce_factor=reduce_factor,
-            dtype=dtype,
-            overwrite=overwrite,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            progress=not quiet,
+            v["src"], Path(v["out"]), layer=layer, reduce_factor=reduce_factor, dtype=v["dtype"], overwrite=overwrite,
+            revision=v["revision"], trust_remote_code=v["trust_remote_code"], progress=not quiet,
         )
     typer.echo(
         f"Wrote {result.out}: {result.source} with ProxyV from layer {layer} (reduce factor {reduce_factor}), "
@@ -99,9 +147,12 @@ def convert(
     epilog="Example: proxyv distill ./llava-1.5-7b-proxyv-l12 --data ./my-vqa --steps 500 --mixed-precision bf16",
 )
 def distill(
-    model: Annotated[Path, typer.Argument(help="ProxyV model folder (from proxyv convert).", show_default=False)],
-    data: Annotated[str, typer.Option(help="'shapes', a save_to_disk folder, a parquet/jsonl file, an image folder "
-                                           "or a Hub dataset name.", show_default=False)],
+    ctx: typer.Context,
+    model: Annotated[
+        Path | None, typer.Argument(help="ProxyV model folder (from proxyv convert).", show_default=False)
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="'shapes', a save_to_disk folder, a parquet/jsonl file, an image "
+                                                  "folder or a Hub dataset name.", show_default=False)] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
     batch_size: Annotated[int, typer.Option(help="Examples per process and micro-batch.")] = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine to 10%).")] = 1e-3,
@@ -136,24 +187,29 @@ def distill(
     answer_column: Annotated[str | None, typer.Option(help="Column with the answers (default: detected).")] = None,
     data_revision: Annotated[str | None, typer.Option(help="Revision of a Hub dataset.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    recipe: RecipeOption = None,
 ) -> None:
     """Train the ProxyV modules to match the same model with ProxyV off; only the ProxyV tensors change."""
     with user_errors():
+        import dataclasses
+
         from .data import Columns
         from .distill import DistillSettings
         from .distill import distill as run_distill
 
-        settings = DistillSettings(
-            steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-            max_grad_norm=max_grad_norm,
-            max_length=max_length, hidden_loss=hidden_loss, vision_weight=vision_weight, text_weight=text_weight,
-            kl_weight=kl_weight, checkpoint_every=checkpoint_every, gradient_accumulation=gradient_accumulation,
-            gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, seed=seed,
-            train_split=train_split, eval_split=eval_split, eval_examples=eval_examples,
-        )
+        names = [f.name for f in dataclasses.fields(DistillSettings)]
+        mapping = {name: f"distill.{name}" for name in names}
+        mapping.update(model="output", data="distill.data", data_revision="distill.data_revision",
+                       image_column="distill.columns.image", prompt_column="distill.columns.prompt",
+                       answer_column="distill.columns.answer")
+        v = from_recipe(ctx, recipe, locals(), mapping)
+        require(v, model="MODEL", data="--data")
+        settings = DistillSettings(**{name: v[name] for name in names})
+        data = v["data"]
         result = run_distill(
-            model, data, settings=settings, out=out, resume=resume, revision=data_revision, progress=not quiet,
-            columns=Columns(image=image_column, prompt=prompt_column, answer=answer_column),
+            Path(v["model"]), data, settings=settings, out=out, resume=resume, revision=v["data_revision"],
+            progress=not quiet,
+            columns=Columns(image=v["image_column"], prompt=v["prompt_column"], answer=v["answer_column"]),
         )
     if result.report:
         before, after = result.report["before"], result.report["after"]
@@ -172,9 +228,10 @@ def distill(
     epilog="Example: proxyv push ./llava-1.5-7b-proxyv-l12 --repo-id me/llava-1.5-7b-proxyv-l12",
 )
 def push(
-    model: Annotated[Path, typer.Argument(help="ProxyV model folder to publish.", show_default=False)],
-    repo_id: Annotated[str, typer.Option(help="Hub repository, e.g. your-name/model-name (created when missing).",
-                                         show_default=False)],
+    ctx: typer.Context,
+    model: Annotated[Path | None, typer.Argument(help="ProxyV model folder to publish.", show_default=False)] = None,
+    repo_id: Annotated[str | None, typer.Option(
+        help="Hub repository, e.g. your-name/model-name (created when missing).", show_default=False)] = None,
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
     revision: Annotated[str | None, typer.Option(help="Push to this branch (created from main when missing).")] = None,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of pushing to main.")] = (
@@ -185,15 +242,21 @@ def push(
     token: Annotated[str | None, typer.Option(help="Hub token with write access (default: HF_TOKEN, then the saved "
                                                    "login of `hf auth login`).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    recipe: RecipeOption = None,
 ) -> None:
     """Check the model (files, code, weights, a load and forward pass without proxyv), then upload it to the Hub
     with a generated model card. A README.md in the folder is replaced by the generated card."""
     with user_errors():
         from .push import push as push_model
 
+        v = from_recipe(ctx, recipe, locals(), {"model": "output", "repo_id": "push.repo_id", "private":
+                                                "push.private", "revision": "push.revision",
+                                                "create_pr": "push.create_pr"})
+        require(v, model="MODEL", repo_id="--repo-id")
+        model = Path(v["model"])
         result = push_model(
-            model, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message,
-            endpoint=endpoint, token=token, progress=not quiet,
+            model, v["repo_id"], private=v["private"], revision=v["revision"], create_pr=v["create_pr"],
+            commit_message=commit_message, endpoint=endpoint, token=token, progress=not quiet,
         )
     changes = f"{len(result.changed)} changed" if result.changed else "all already up to date"
     where = f"pull request {result.pr_url}" if result.pr_url else f"{result.repo_url} (commit {result.commit[:12]})"
@@ -236,7 +299,10 @@ def card(
     epilog="Examples: proxyv eval ./m --data shapes        proxyv eval ./m --data shapes --against-original",
 )
 def eval_command(
-    model: Annotated[Path, typer.Argument(help="Model folder (ProxyV or plain LLaVA).", show_default=False)],
+    ctx: typer.Context,
+    model: Annotated[
+        Path | None, typer.Argument(help="Model folder (ProxyV or plain LLaVA).", show_default=False)
+    ] = None,
     data: Annotated[str, typer.Option(help="'shapes', a save_to_disk folder, a parquet/jsonl file, an image folder "
                                            "or a Hub dataset name, with answers.")] = "shapes",
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
@@ -253,15 +319,27 @@ def eval_command(
     answer_column: Annotated[str | None, typer.Option(help="Column with the answers (default: detected).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    recipe: RecipeOption = None,
 ) -> None:
     """Exact-match accuracy with greedy decoding, and answer agreement with a second model."""
     with user_errors():
         from .evaluate import evaluate
 
+        v = from_recipe(ctx, recipe, locals(), {
+            "model": "output", "data": "eval.data", "split": "eval.split", "limit": "eval.limit",
+            "batch_size": "eval.batch_size", "against_original": "eval.against_original",
+            "image_column": "eval.columns.image", "prompt_column": "eval.columns.prompt",
+            "answer_column": "eval.columns.answer",
+        })
+        require(v, model="MODEL")
+        model = Path(v["model"])
+        columns = {"image_column": v["image_column"]}
+        columns.update({"question_column": v["prompt_column"]} if v["prompt_column"] else {})
+        columns.update({"answer_column": v["answer_column"]} if v["answer_column"] else {})
         result = evaluate(
-            model, data, split=split, limit=limit, other=other, against_original=against_original,
-            proxyv_off=proxyv_off, noise_images=noise_images, batch_size=batch_size, progress=not quiet,
-            image_column=image_column, question_column=prompt_column, answer_column=answer_column,
+            model, v["data"], split=v["split"], limit=v["limit"], other=other,
+            against_original=v["against_original"], proxyv_off=proxyv_off, noise_images=noise_images,
+            batch_size=v["batch_size"], progress=not quiet, **columns,
         )
     if json_output:
         typer.echo(result.to_json())
@@ -271,7 +349,8 @@ def eval_command(
 
 @app.command(epilog="Example: proxyv bench ./m --batch-sizes 1 8 --compile")
 def bench(
-    model: Annotated[Path, typer.Argument(help="ProxyV model folder.", show_default=False)],
+    ctx: typer.Context,
+    model: Annotated[Path | None, typer.Argument(help="ProxyV model folder.", show_default=False)] = None,
     batch_sizes: Annotated[list[int], typer.Option(help="Batch sizes (repeat the option).")] = [1],  # noqa: B006
     images: Annotated[list[int], typer.Option(help="Images per prompt (repeat the option).")] = [1],  # noqa: B006
     text_tokens: Annotated[int, typer.Option(help="Text tokens per prompt.")] = 64,
@@ -284,14 +363,22 @@ def bench(
     attn: Annotated[str, typer.Option(help="Attention implementation: sdpa or eager.")] = "sdpa",
     no_write: Annotated[bool, typer.Option("--no-write", help="Do not write bench_report.json.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    recipe: RecipeOption = None,
 ) -> None:
     """Time prefill and decoding with ProxyV on and off on the same inputs; writes bench_report.json."""
     with user_errors():
         from .bench import run_bench
 
+        v = from_recipe(ctx, recipe, locals(), {
+            "model": "output", "batch_sizes": "bench.batch_sizes", "images": "bench.images",
+            "text_tokens": "bench.text_tokens", "repeats": "bench.repeats", "warmup": "bench.warmup",
+            "compile_model": "bench.compile", "device": "bench.device", "dtype": "bench.dtype",
+        })
+        require(v, model="MODEL")
         report, path = run_bench(
-            model, batch_sizes=tuple(batch_sizes), images=tuple(images), text_tokens=text_tokens, repeats=repeats,
-            warmup=warmup, compile=compile_model, device=device, dtype=dtype, attn=attn, write=not no_write,
+            Path(v["model"]), batch_sizes=tuple(v["batch_sizes"]), images=tuple(v["images"]),
+            text_tokens=v["text_tokens"], repeats=v["repeats"], warmup=v["warmup"], compile=v["compile_model"],
+            device=v["device"], dtype=v["dtype"], attn=attn, write=not no_write,
             progress=lambda message: typer.echo(message, err=True),
         )
     from .bench import format_report
@@ -299,6 +386,78 @@ def bench(
     typer.echo(report.to_json() if json_output else format_report(report))
     if path is not None:
         typer.echo(f"Report: {path}")
+
+
+@app.command(
+    epilog="Examples: proxyv run llava-shapes     proxyv run recipes/llava-1.5-7b.yaml distill.steps=100 --skip push",
+)
+def run(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.", show_default=False)],
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value overrides.", show_default=False)]
+    = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Skip a stage (repeat the option).")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only this stage (repeat the option).")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Redo every stage, from the conversion.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or stage messages.")] = False,
+) -> None:
+    """Run a recipe: convert, distill, eval, bench and push (when a repo id is set); a rerun continues."""
+    with user_errors():
+        from .run import run as run_recipe
+
+        result = run_recipe(
+            recipe, overrides or [], skip=tuple(skip or ()), only=tuple(only or ()), restart=restart,
+            progress=not quiet, log=(lambda message: None) if quiet else (lambda m: typer.echo(m, err=True)),
+        )
+    if json_output:
+        typer.echo(result.to_json())
+        return
+    done = ", ".join(result.stages_run) or "nothing"
+    skipped = f" (finished earlier: {', '.join(result.stages_skipped)})" if result.stages_skipped else ""
+    typer.echo(f"Ran {done}{skipped} in {result.seconds:.0f} s; the model is in {result.output}.")
+    for name, value in result.numbers.items():
+        typer.echo(f"  {name}: {value:.1%}" if "accuracy" in name or "agreement" in name else f"  {name}: {value}")
+    typer.echo(f"Next: {result.next_command}")
+
+
+recipes_app = typer.Typer(help="List and show the shipped recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """The shipped recipes and what each converts."""
+    with user_errors():
+        from .recipes import load_recipe, shipped_recipes
+
+        for name, path in shipped_recipes().items():
+            recipe, _ = load_recipe(path)
+            typer.echo(f"{name:<24} {recipe.model.source} from layer {recipe.proxyv.start_layer} "
+                       f"({', '.join(recipe.stages())})")
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Shipped recipe name or file.", show_default=False)]) -> None:
+    """Print a recipe file."""
+    with user_errors():
+        from .recipes import recipe_path
+
+        typer.echo(recipe_path(name).read_text(), nl=False)
+
+
+@app.command(epilog="Example: proxyv validate recipes/llava-1.5-7b.yaml distill.steps=100")
+def validate(
+    recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recipe name.", show_default=False)],
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value overrides.", show_default=False)]
+    = None,
+) -> None:
+    """Check a recipe (keys, values, and the start layer and factor against the model) without running it."""
+    with user_errors():
+        from .recipes import check_against_model, load_recipe
+
+        loaded, path = load_recipe(recipe, overrides or [])
+        checked = check_against_model(loaded, str(path))
+    typer.echo(f"{path}: valid ({', '.join(loaded.stages())}); {checked}.")
 
 
 def _size(nbytes: int) -> str:

@@ -333,6 +333,9 @@ class _Interrupt:
 def held_out(data: str, columns: Columns, revision: str | None, settings: DistillSettings,
              train: ImageTextData) -> tuple[ImageTextData, list[int], list[int]]:
     """(held-out data, its indices, the training indices): the eval split, or the tail of the train split."""
+    if settings.eval_split == settings.train_split:
+        held = min(settings.eval_examples, len(train) // 10)
+        return train, list(range(len(train) - held, len(train))), list(range(len(train) - held))
     try:
         evaluation = load_data(data, split=settings.eval_split, columns=columns, revision=revision)
         return evaluation, list(range(min(settings.eval_examples, len(evaluation)))), list(range(len(train)))

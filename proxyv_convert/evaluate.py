@@ -9,6 +9,7 @@ and collapsing whitespace.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Sequence
@@ -42,6 +43,18 @@ class EvalResult:
     agreement: float | None = None
     other_accuracy: float | None = None
     other_predictions: list[str] | None = None
+
+    def to_json(self) -> str:
+        import json
+
+        keys = ("accuracy", "n", "seconds", "per_kind", "agreement", "other_accuracy")
+        summary = {k: getattr(self, k) for k in keys}
+        examples = [
+            {"question": q, "answer": a, "prediction": p, **({"other": o} if self.other_predictions else {})}
+            for q, a, p, o in zip(self.questions, self.answers, self.predictions,
+                                  self.other_predictions or self.predictions, strict=True)
+        ]
+        return json.dumps({**summary, "examples": examples}, indent=1)
 
     def summary(self) -> str:
         text = f"accuracy {self.accuracy:.1%} on {self.n} examples ({self.seconds:.1f} s)"
@@ -170,13 +183,19 @@ def evaluate(
     answer_column: str = "answer",
     kind_column: str = "kind",
     max_new_tokens: int = 8,
+    against_original: bool = False,
+    proxyv_off: bool = False,
 ) -> EvalResult:
     """Exact-match accuracy of `model` on a split with greedy decoding; with `other`, also that model's accuracy and
     how often the two give the same answer. `noise_images` replaces every image by noise (a control).
 
     `model` / `other`: a model folder (plain LLaVA or ProxyV) or a loaded model; the processor comes from the folder
     unless given. `data`: "shapes" (the built-in task), a `save_to_disk` folder, or a Dataset/DatasetDict.
+    `against_original`: `other` is the same ProxyV model with ProxyV off (the original model's computation).
+    `proxyv_off`: evaluate `model` itself with ProxyV off.
     """
+    if against_original and other is not None:
+        raise ProxyVError("give either a second model or --against-original, not both")
     if limit is not None and limit < 1:
         raise ProxyVError(f"limit must be at least 1, got {limit}")
     if batch_size < 1:
@@ -186,13 +205,16 @@ def evaluate(
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     model, processor = load_for_eval(model, processor)
+    if (against_original or proxyv_off) and not hasattr(model, "proxyv_disabled"):
+        raise ProxyVError("--against-original and --proxyv-off need a ProxyV model")
     if other is not None:
         other, other_processor = load_for_eval(other, other_processor)
 
     started = time.perf_counter()
     options = dict(image_column=image_column, question_column=question_column, batch_size=batch_size,
                    noise_images=noise_images, max_new_tokens=max_new_tokens, progress=progress)
-    predictions = predict(model, processor, dataset, desc="evaluate", **options)
+    with model.proxyv_disabled() if proxyv_off else contextlib.nullcontext():
+        predictions = predict(model, processor, dataset, desc="evaluate", **options)
     answers = list(dataset[answer_column])
     correct = [normalise(p) == normalise(a) for p, a in zip(predictions, answers, strict=True)]
     result = EvalResult(
@@ -204,8 +226,12 @@ def evaluate(
         for kind in sorted(set(kinds)):
             hits = [c for c, k in zip(correct, kinds, strict=True) if k == kind]
             result.per_kind[kind] = sum(hits) / len(hits)
-    if other is not None:
+    if against_original:
+        with model.proxyv_disabled():
+            result.other_predictions = predict(model, processor, dataset, desc="evaluate original", **options)
+    elif other is not None:
         result.other_predictions = predict(other, other_processor, dataset, desc="evaluate other", **options)
+    if result.other_predictions is not None:
         result.other_accuracy = sum(
             normalise(p) == normalise(a) for p, a in zip(result.other_predictions, answers, strict=True)
         ) / len(answers)
