@@ -205,13 +205,22 @@ def _model_table(folder: Path, config: dict[str, Any], sections: dict[str, Any])
     added = sum(info.numel for name, info in tensors.items() if name.startswith(PROXYV_PREFIX))
     total = sum(info.numel for info in tensors.values())
     dtype = sections.get("model", {}).get("dtype") or config.get("dtype")
+    anyres = config.get("model_type") == "proxyv_llava_next"
+    if config.get("proxyv_proxy") == "learned":
+        proxies = (f"{config['proxyv_learned_proxies']} per image grid, made by learned queries that attend over "
+                   "the grid's vision tokens")
+    else:
+        small = side // factor
+        proxies = f"{small**2} ({small}x{small}: the grid downsampled by {factor} per side)"
+        if anyres:
+            proxies += " per crop grid; the high-resolution grid is downsampled by the same factor"
     rows = [
+        ("Architecture", "LLaVA-NeXT (AnyRes crops, newline tokens computed like text)" if anyres else "LLaVA"),
         ("Language model", f"{text['model_type']}, {text['num_hidden_layers']} layers, hidden size "
                            f"{text['hidden_size']}"),
         ("Vision tower", f"{vision['model_type']}, {vision['image_size']} px, {side}x{side} patch grid"),
         ("ProxyV layers", f"{config['proxyv_start_layer']}-{text['num_hidden_layers'] - 1}"),
-        ("Proxy tokens per image", f"{(side // factor) ** 2} ({side // factor}x{side // factor}: the grid "
-                                   f"downsampled by {factor} per side)"),
+        ("Proxy tokens", proxies),
         ("VisionMLP", f"{config['proxyv_vision_mlp']}, width {config['proxyv_vision_mlp_size']}"),
         ("Parameters", f"{total:,} ({added:,} added by ProxyV)"),
     ]

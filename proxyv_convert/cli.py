@@ -109,6 +109,10 @@ def convert(
         typer.Option("--out", "-o", help="Output folder (must not exist, unless --overwrite).", show_default=False),
     ] = None,
     reduce_factor: Annotated[int, typer.Option(help="Downsample each image's token grid by this factor per side.")] = 4,
+    proxy: Annotated[str, typer.Option(help="spatial (downsample the grid) or learned (learned queries per image).")]
+    = "spatial",
+    learned_proxies: Annotated[int | None, typer.Option(help="Proxies per image grid with --proxy learned "
+                                                             "(default: as many as spatial makes).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (keep), float32, bfloat16 or float16.")] = "auto",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace --out if it exists (once the new folder is complete).")
@@ -127,13 +131,15 @@ def convert(
         v = from_recipe(ctx, recipe, locals(), {
             "src": "model.source", "layer": "proxyv.start_layer", "out": "output", "reduce_factor":
             "proxyv.reduce_factor", "dtype": "model.dtype", "revision": "model.revision",
-            "trust_remote_code": "model.trust_remote_code",
+            "trust_remote_code": "model.trust_remote_code", "proxy": "proxyv.proxy",
+            "learned_proxies": "proxyv.learned_proxies",
         })
         require(v, src="SRC", layer="--layer", out="--out")
         layer, reduce_factor = v["layer"], v["reduce_factor"]
         result = convert_checkpoint(
             v["src"], Path(v["out"]), layer=layer, reduce_factor=reduce_factor, dtype=v["dtype"], overwrite=overwrite,
-            revision=v["revision"], trust_remote_code=v["trust_remote_code"], progress=not quiet,
+            revision=v["revision"], trust_remote_code=v["trust_remote_code"], progress=not quiet, proxy=v["proxy"],
+            learned_proxies=v["learned_proxies"],
         )
     typer.echo(
         f"Wrote {result.out}: {result.source} with ProxyV from layer {layer} (reduce factor {reduce_factor}), "

@@ -29,8 +29,9 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from .atomic import atomic_output, check_output
 from .errors import ProxyVError
-from .modeling import ARCHITECTURE, AUTO_MAP, ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration, canonical_code
+from .modeling import FAMILIES, ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration, auto_map, canonical_code
 from .recipe import provenance, write_recipe
+from .remote.modeling_proxyv import init_proxyv_module
 from .safetensors_stream import (
     FLOAT_DTYPES,
     OutputTensor,
@@ -58,8 +59,9 @@ KEY_RULES = (
     (r"^language_model\.model\.", "model.language_model."),
     (r"^vision_tower\.(vision_model\.)?", "model.vision_tower.{vision}"),
     (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^image_newline$", "model.image_newline"),  # LLaVA-NeXT
     (r"^model\.vision_tower\.(vision_model\.)?", "model.vision_tower.{vision}"),  # native layout
-    (r"^(model\.language_model\.|model\.multi_modal_projector\.|lm_head\.)", r"\1"),
+    (r"^(model\.language_model\.|model\.multi_modal_projector\.|lm_head\.|model\.image_newline$)", r"\1"),
 )
 # Buffers that old checkpoints stored and current models recompute (transformers ignores them on load too).
 STALE_BUFFERS = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
@@ -92,10 +94,13 @@ def convert(
     trust_remote_code: bool = False,
     progress: bool = True,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    proxy: str = "spatial",
+    learned_proxies: int | None = None,
 ) -> ConvertResult:
     """Convert the LLaVA checkpoint `source` (local folder or Hub id) into a ProxyV checkpoint in `out`.
 
-    ProxyV runs from decoder layer `layer` on, with proxies made by downsampling each image grid by `reduce_factor`.
+    ProxyV runs from decoder layer `layer` on, with proxies made by downsampling each image grid by `reduce_factor`
+    (`proxy="spatial"`) or by `learned_proxies` learned queries per image grid (`proxy="learned"`).
     `dtype` "auto" keeps every tensor's dtype; otherwise floating tensors are cast. Raises ProxyVError, before
     writing anything, on bad input.
     """
@@ -106,18 +111,21 @@ def convert(
     check_output(out, overwrite=overwrite)  # fail before downloading anything
     src = resolve_source(source, revision=revision, trust_remote_code=trust_remote_code)
     check_output(out, overwrite=overwrite, source=src.path)
-    config = proxyv_config(src, read_llava_config(src, trust_remote_code=trust_remote_code), layer, reduce_factor)
+    config = proxyv_config(
+        src, read_llava_config(src, trust_remote_code=trust_remote_code), layer, reduce_factor, proxy, learned_proxies
+    )
     fetch_weights(src)
     weights = source_weights(src)
     with torch.device("meta"):
-        model = ProxyVLlavaForConditionalGeneration(config)
+        model = FAMILIES[source_type(config)][2](config)
     matched = match_weights(src.name, weights, model)
     float_code = DTYPE_CODES[dtype] if dtype != "auto" else dominant_float_dtype(weights.values())
     if dtype != "auto":
         config.dtype = dtype
     tensors = [copied_tensor(name, info, None if dtype == "auto" else float_code) for name, info in matched.items()]
     added = proxyv_tensors(model, float_code)
-    command = convert_command(source, out, layer, reduce_factor, dtype, revision, trust_remote_code)
+    command = convert_command(source, out, layer, reduce_factor, dtype, revision, trust_remote_code, proxy,
+                              learned_proxies)
     total = sum(t.nbytes for t in tensors + added)
     with atomic_output(out, overwrite=overwrite) as tmp, _progress(total, progress) as bar:
         files = write_checkpoint(
@@ -137,15 +145,23 @@ def convert(
     )
 
 
-def proxyv_config(src: Source, llava: LlavaConfig, layer: int, reduce_factor: int) -> ProxyVLlavaConfig:
+def source_type(config) -> str:
+    """The family ("llava" or "llava_next") of a ProxyV config."""
+    return next(kind for kind, family in FAMILIES.items() if isinstance(config, family[0]))
+
+
+def proxyv_config(src: Source, llava: LlavaConfig, layer: int, reduce_factor: int, proxy: str = "spatial",
+                  learned_proxies: int | None = None) -> ProxyVLlavaConfig:
+    config_class, _, head = FAMILIES[llava.model_type]
     try:
-        config = ProxyVLlavaConfig.from_llava_config(
-            llava, proxyv_start_layer=layer, proxyv_reduce_factor=reduce_factor, proxyv_base_model=src.name
+        config = config_class.from_llava_config(
+            llava, proxyv_start_layer=layer, proxyv_reduce_factor=reduce_factor, proxyv_base_model=src.name,
+            proxyv_proxy=proxy, proxyv_learned_proxies=learned_proxies,
         )
     except ValueError as e:
         raise ProxyVError(f"cannot convert {src.name}: {e}") from None
-    config.auto_map = dict(AUTO_MAP)
-    config.architectures = [ARCHITECTURE]
+    config.auto_map = auto_map(config_class)
+    config.architectures = [head.__name__]
     return config
 
 
@@ -242,9 +258,10 @@ def proxyv_tensors(model: ProxyVLlavaForConditionalGeneration, dtype: str) -> li
     layer by layer, cast to `dtype`) while only one layer is ever materialised. The writers must run in order.
     """
     modules = model.model.proxyv
-    assert all(n.startswith("vision_mlps.") for n, _ in modules.named_parameters()), "initialise new modules here"
+    known = ("vision_mlps.", "learned.")
+    assert all(n.startswith(known) for n, _ in modules.named_parameters()), "initialise new modules here"
     std = model.config.text_config.initializer_range
-    stream = _initialised_parameters(modules.vision_mlps, std, TORCH_DTYPES[dtype])
+    stream = _initialised_parameters(modules, std, TORCH_DTYPES[dtype])
 
     def writer(expected: str) -> Callable[[BinaryIO], None]:
         def write(out: BinaryIO) -> None:
@@ -260,14 +277,15 @@ def proxyv_tensors(model: ProxyVLlavaForConditionalGeneration, dtype: str) -> li
     ]
 
 
-def _initialised_parameters(vision_mlps: torch.nn.ModuleDict, std: float, dtype: torch.dtype) -> Iterator:
-    """(native name, tensor) of every ProxyV parameter, layer by layer.
+def _initialised_parameters(modules: torch.nn.Module, std: float, dtype: torch.dtype) -> Iterator:
+    """(native name, tensor) of every ProxyV parameter, layer by layer, then the learned-proxy module (if any).
 
     All VisionMLPs have the same shapes, so one module on the CPU is reset in place for each layer in turn and cast
     into the same output buffers: memory stays at one layer, with no allocations for the allocator to fragment
     (fresh buffers per layer made peak RSS grow with the layer count). A yielded tensor is valid until the next
     layer starts.
     """
+    vision_mlps = modules.vision_mlps
     layer = copy.deepcopy(next(iter(vision_mlps.values()))).to_empty(device="cpu")
     shapes = {name: p.shape for name, p in layer.named_parameters()}
     outputs = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
@@ -280,13 +298,24 @@ def _initialised_parameters(vision_mlps: torch.nn.ModuleDict, std: float, dtype:
             generator_state = torch.random.get_rng_state()
         for name, param in layer.named_parameters():
             yield f"{PROXYV_PREFIX}vision_mlps.{index}.{name}", outputs[name].copy_(param.detach())
+    if hasattr(modules, "learned"):  # small: materialised whole, after the VisionMLPs in the same RNG stream
+        learned = copy.deepcopy(modules.learned).to_empty(device="cpu")
+        with torch.random.fork_rng(devices=[]):
+            torch.random.set_rng_state(generator_state)
+            for module in learned.modules():
+                init_proxyv_module(module, std)
+        for name, param in learned.named_parameters():
+            yield f"{PROXYV_PREFIX}learned.{name}", param.detach().to(dtype)
 
 
 def convert_command(
-    source: str, out: Path, layer: int, reduce_factor: int, dtype: str, revision: str | None, trust_remote_code: bool
+    source: str, out: Path, layer: int, reduce_factor: int, dtype: str, revision: str | None, trust_remote_code: bool,
+    proxy: str = "spatial", learned_proxies: int | None = None,
 ) -> str:
     """The CLI command equivalent to a `convert` call (the recipe's header)."""
     args = ["proxyv", "convert", source, "--layer", str(layer), "--reduce-factor", str(reduce_factor)]
+    args += ["--proxy", proxy] if proxy != "spatial" else []
+    args += ["--learned-proxies", str(learned_proxies)] if learned_proxies is not None else []
     args += ["--dtype", dtype, "--out", str(out)]
     args += ["--revision", revision] if revision else []
     args += ["--trust-remote-code"] if trust_remote_code else []
@@ -308,6 +337,7 @@ def write_folder_files(folder: Path, src: Source, config: ProxyVLlavaConfig, dty
             "reduce_factor": config.proxyv_reduce_factor,
             "vision_mlp": config.proxyv_vision_mlp,
             "proxy": config.proxyv_proxy,
+            **({"learned_proxies": config.proxyv_learned_proxies} if config.proxyv_proxy == "learned" else {}),
         },
         "provenance": provenance(),
     }

@@ -13,24 +13,49 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 from .errors import ProxyVError
-from .remote.configuration_proxyv import ProxyVLlavaConfig
-from .remote.modeling_proxyv import ProxyVLlavaForConditionalGeneration, ProxyVLlavaModel, ProxyVModules
+from .remote.configuration_proxyv import ProxyVLlavaConfig, ProxyVLlavaNextConfig
+from .remote.modeling_proxyv import (
+    ProxyVLlavaForConditionalGeneration,
+    ProxyVLlavaModel,
+    ProxyVLlavaNextForConditionalGeneration,
+    ProxyVLlavaNextModel,
+    ProxyVModules,
+)
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 CODE_FILES = ("configuration_proxyv.py", "modeling_proxyv.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_proxyv.ProxyVLlavaConfig",
-    "AutoModel": "modeling_proxyv.ProxyVLlavaModel",
-    "AutoModelForImageTextToText": "modeling_proxyv.ProxyVLlavaForConditionalGeneration",
+# source model type -> (ProxyV config, base model, model with head)
+FAMILIES = {
+    "llava": (ProxyVLlavaConfig, ProxyVLlavaModel, ProxyVLlavaForConditionalGeneration),
+    "llava_next": (ProxyVLlavaNextConfig, ProxyVLlavaNextModel, ProxyVLlavaNextForConditionalGeneration),
 }
+PROXYV_MODEL_TYPES = {family[0].model_type: family for family in FAMILIES.values()}
+
+
+def auto_map(config_class: type = ProxyVLlavaConfig) -> dict[str, str]:
+    """The `auto_map` of a ProxyV config.json: where transformers finds the classes in the folder's code files."""
+    _, base, head = PROXYV_MODEL_TYPES[config_class.model_type]
+    return {
+        "AutoConfig": f"configuration_proxyv.{config_class.__name__}",
+        "AutoModel": f"modeling_proxyv.{base.__name__}",
+        "AutoModelForImageTextToText": f"modeling_proxyv.{head.__name__}",
+    }
+
+
+AUTO_MAP = auto_map(ProxyVLlavaConfig)
 ARCHITECTURE = "ProxyVLlavaForConditionalGeneration"
 
 __all__ = [
     "AUTO_MAP",
     "CODE_FILES",
+    "FAMILIES",
     "ProxyVLlavaConfig",
     "ProxyVLlavaForConditionalGeneration",
     "ProxyVLlavaModel",
+    "ProxyVLlavaNextConfig",
+    "ProxyVLlavaNextForConditionalGeneration",
+    "ProxyVLlavaNextModel",
+    "auto_map",
     "ProxyVModules",
     "canonical_code",
     "code_differences",
@@ -48,12 +73,13 @@ def register_auto_classes() -> None:
     global _registered
     if _registered:
         return
-    ProxyVLlavaConfig.register_for_auto_class()
-    ProxyVLlavaModel.register_for_auto_class("AutoModel")
-    ProxyVLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-    AutoConfig.register(ProxyVLlavaConfig.model_type, ProxyVLlavaConfig, exist_ok=True)
-    AutoModel.register(ProxyVLlavaConfig, ProxyVLlavaModel, exist_ok=True)
-    AutoModelForImageTextToText.register(ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration, exist_ok=True)
+    for config_class, base, head in FAMILIES.values():
+        config_class.register_for_auto_class()
+        base.register_for_auto_class("AutoModel")
+        head.register_for_auto_class("AutoModelForImageTextToText")
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, base, exist_ok=True)
+        AutoModelForImageTextToText.register(config_class, head, exist_ok=True)
     _registered = True
 
 
@@ -72,16 +98,18 @@ def code_differences(folder: Path) -> list[str]:
     return different
 
 
-def is_proxyv_folder(folder: Path) -> bool:
+def folder_model_type(folder: Path) -> str | None:
     import json
 
     config = Path(folder) / "config.json"
-    if not config.is_file():
-        return False
     try:
-        return json.loads(config.read_text()).get("model_type") == ProxyVLlavaConfig.model_type
-    except (OSError, ValueError):
-        return False
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_proxyv_folder(folder: Path) -> bool:
+    return folder_model_type(folder) in PROXYV_MODEL_TYPES
 
 
 def load_model(
@@ -105,9 +133,12 @@ def load_model(
                 f"{folder} carries code that differs from this proxyv version ({', '.join(stale)}); "
                 "convert the model again with this version"
             )
-        model = ProxyVLlavaForConditionalGeneration.from_pretrained(folder, **kwargs)
+        head = PROXYV_MODEL_TYPES[folder_model_type(folder)][2]
+        model = head.from_pretrained(folder, **kwargs)
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(folder, **kwargs)
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
     if device is not None:
         model = model.to(device)
     return model.eval()

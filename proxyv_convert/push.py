@@ -32,7 +32,7 @@ from . import __version__
 from .card import CARD_FILE, model_card, pinned_revision
 from .convert import target_name
 from .errors import ProxyVError
-from .modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration, code_differences, is_proxyv_folder
+from .modeling import PROXYV_MODEL_TYPES, code_differences, folder_model_type, is_proxyv_folder
 from .safetensors_stream import read_checkpoint
 from .source import processor_files
 
@@ -125,7 +125,7 @@ def check_folder(folder: Path) -> list[str]:
         raise ProxyVError(f"{folder} is not a folder")
     if not is_proxyv_folder(folder):
         raise ProxyVError(
-            f"{folder} is not a ProxyV model folder (its config.json has no model_type 'proxyv_llava'); "
+            f"{folder} is not a ProxyV model folder (its config.json has no ProxyV model_type); "
             "make one with `proxyv convert`"
         )
     stale = code_differences(folder)
@@ -146,9 +146,10 @@ def check_weights(folder: Path) -> None:
     if not stored:
         raise ProxyVError(f"{folder} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
     try:
-        config = ProxyVLlavaConfig.from_pretrained(folder)
+        config_class, _, head = PROXYV_MODEL_TYPES[folder_model_type(folder)]
+        config = config_class.from_pretrained(folder)
         with torch.device("meta"):
-            model = ProxyVLlavaForConditionalGeneration(config)
+            model = head(config)
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise ProxyVError(f"{folder / 'config.json'} does not describe a valid ProxyV model: {e}") from None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -49,7 +49,8 @@ class ProxyVSection(Section):
     start_layer: int = Field(ge=0)
     reduce_factor: int = Field(default=4, ge=1)
     vision_mlp: Literal["residual"] = "residual"
-    proxy: Literal["spatial"] = "spatial"
+    proxy: Literal["spatial", "learned"] = "spatial"
+    learned_proxies: int | None = Field(default=None, ge=1)
 
 
 class ColumnsSection(Section):
@@ -225,7 +226,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 def check_against_model(recipe: Recipe, origin: str) -> str:
     """Check the start layer and reduce factor against the model's configuration when it can be read (a local or
     built-in folder, or the Hub); returns what was checked, for the user."""
-    from .remote.configuration_proxyv import ProxyVLlavaConfig
+    from .modeling import FAMILIES
 
     config_file = _source_config(recipe.model)
     if config_file is None:
@@ -233,9 +234,13 @@ def check_against_model(recipe: Recipe, origin: str) -> str:
     from transformers import AutoConfig
 
     llava = AutoConfig.from_pretrained(config_file.parent, trust_remote_code=recipe.model.trust_remote_code)
+    if llava.model_type not in FAMILIES:
+        raise ProxyVError(f"{origin}: model.source is a '{llava.model_type}' model; proxyv converts "
+                          f"{', '.join(FAMILIES)}")
     try:
-        ProxyVLlavaConfig.from_llava_config(
-            llava, proxyv_start_layer=recipe.proxyv.start_layer, proxyv_reduce_factor=recipe.proxyv.reduce_factor
+        FAMILIES[llava.model_type][0].from_llava_config(
+            llava, proxyv_start_layer=recipe.proxyv.start_layer, proxyv_reduce_factor=recipe.proxyv.reduce_factor,
+            proxyv_proxy=recipe.proxyv.proxy, proxyv_learned_proxies=recipe.proxyv.learned_proxies,
         )
     except (ValueError, TypeError) as error:
         raise ProxyVError(f"{origin}: proxyv: {error}") from None

@@ -16,7 +16,7 @@ from . import __version__
 from .errors import ProxyVError
 from .safetensors_stream import INDEX_FILE
 
-SUPPORTED_MODEL_TYPES = ("llava",)
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 # Files the converted model needs beside its weights, copied unchanged (globs, relative to the checkpoint folder).
 PROCESSOR_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
@@ -125,8 +125,9 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
 
 
 def read_llava_config(source: Source, *, trust_remote_code: bool = False) -> LlavaConfig:
-    """The source's LlavaConfig; refuses other model types and, without trust_remote_code, configs with custom code."""
-    from transformers import AutoConfig, LlavaConfig
+    """The source's LlavaConfig or LlavaNextConfig; refuses other model types and, without trust_remote_code, configs
+    with custom code."""
+    from transformers import AutoConfig, LlavaConfig, LlavaNextConfig
 
     config_path = source.path / "config.json"
     if not config_path.is_file():
@@ -137,7 +138,7 @@ def read_llava_config(source: Source, *, trust_remote_code: bool = False) -> Lla
         raise ProxyVError(f"{config_path} is not valid JSON ({e})") from None
     model_type = raw.get("model_type")
     supported = ", ".join(SUPPORTED_MODEL_TYPES)
-    if model_type == "proxyv_llava":
+    if str(model_type).startswith("proxyv_"):
         raise ProxyVError(f"{source.name} is already a ProxyV model; convert the LLaVA checkpoint it came from")
     if "AutoConfig" in raw.get("auto_map", {}) and not trust_remote_code:
         raise ProxyVError(
@@ -147,7 +148,7 @@ def read_llava_config(source: Source, *, trust_remote_code: bool = False) -> Lla
     if model_type not in SUPPORTED_MODEL_TYPES and "auto_map" not in raw:
         raise ProxyVError(f"{source.name} is a '{model_type}' checkpoint; proxyv converts model types: {supported}")
     config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    if not isinstance(config, LlavaConfig):
+    if not isinstance(config, (LlavaConfig, LlavaNextConfig)):
         raise ProxyVError(
             f"{source.name} has a {type(config).__name__} config; proxyv converts model types: {supported}"
         )

@@ -21,43 +21,54 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-    """Logits (T, vocab) of ProxyV for one prompt `input_ids` (T,), computed token by token."""
+def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                     grids: list[tuple[int, int, int, int]] | None = None, **inputs) -> torch.Tensor:
+    """Logits (T, vocab) of ProxyV for one prompt `input_ids` (T,), computed token by token.
+
+    `grids`: (first row, rows, columns, row stride) of every image grid; by default each run of grid*grid image
+    tokens is one square grid (LLaVA-1.5). Image tokens outside every grid (LLaVA-NeXT's newlines) act as text that
+    proxies do not see.
+    """
     config = model.config
-    start, factor, grid = config.proxyv_start_layer, config.proxyv_reduce_factor, config.proxyv_grid
-    side = grid // factor
+    start, factor, side = config.proxyv_start_layer, config.proxyv_reduce_factor, config.proxyv_grid
     lm = model.model.language_model
     text_config = config.text_config
     with model.proxyv_disabled():  # layers before the start layer are the original ones
-        states = model(input_ids=input_ids[None], pixel_values=pixel_values, output_hidden_states=True)
+        states = model(input_ids=input_ids[None], pixel_values=pixel_values, output_hidden_states=True, **inputs)
     hidden = states.hidden_states[start][0]  # (T, H): the input of the start layer
 
     seq = input_ids.shape[0]
     image_rows = [t for t in range(seq) if input_ids[t] == config.image_token_id]
-    per_image = grid * grid
-    images = [image_rows[i : i + per_image] for i in range(0, len(image_rows), per_image)]
+    if grids is None:
+        grids = [(image_rows[i], side, side, side) for i in range(0, len(image_rows), side * side)]
     # tokens: dicts with kind, order (causal), pos (RoPE), state
-    tokens = []
-    for t in range(seq):
-        kind = "vision" if t in image_rows else "text"
-        tokens.append({"kind": kind, "order": t, "pos": t, "row": t})
-    for k, rows in enumerate(images):
-        assert rows == list(range(rows[0], rows[0] + per_image)), "an image's tokens are contiguous"
-        grid_states = hidden[rows].T.reshape(1, -1, grid, grid)
-        small = F.interpolate(grid_states, size=(side, side), mode="bilinear", align_corners=False)[0]
-        for j in range(side * side):
-            tokens.append(
-                {"kind": "proxy", "order": rows[0] + j, "pos": rows[0] + j, "image": k, "cell": j,
-                 "state": small[:, j // side, j % side]}
-            )
+    tokens = [{"kind": "newline" if t in image_rows else "text", "order": t, "pos": t, "row": t} for t in range(seq)]
+    learned = config.proxyv_proxy == "learned"
+    for k, (first, height, width, stride) in enumerate(grids):
+        rows = [first + i * stride + j for i in range(height) for j in range(width)]
+        if learned:  # learned queries attend over the grid's tokens; the same weights carry the context back
+            module = model.model.proxyv.learned
+            keys = module.key(rms(hidden[rows], module.norm.weight, module.norm.eps))
+            weights = torch.softmax(module.queries @ keys.T * keys.shape[-1] ** -0.5, dim=-1)  # (K, N)
+            made = list(weights @ hidden[rows])
+            back = weights.T / weights.T.sum(-1, keepdim=True)  # (N, K)
+        else:
+            ph, pw = -(-height // factor), -(-width // factor)
+            grid_states = hidden[rows].T.reshape(1, -1, height, width)
+            small = F.interpolate(grid_states, size=(ph, pw), mode="bilinear", align_corners=False)[0]
+            made = [small[:, j // pw, j % pw] for j in range(ph * pw)]
+        for j, state in enumerate(made):
+            tokens.append({"kind": "proxy", "order": first + j, "pos": first + j, "image": k, "cell": j,
+                           "state": state})
+        for index, row in enumerate(rows):
+            i, j = divmod(index, width)
+            if learned:
+                tokens[row].update(kind="vision", image=k, back=back[index])
+            else:
+                tokens[row].update(kind="vision", image=k, proxy_cell=(i * ph // height) * pw + j * pw // width)
     for tok in tokens:
         if tok["kind"] != "proxy":
             tok["state"] = hidden[tok["row"]]
-        if tok["kind"] == "vision":
-            for k, rows in enumerate(images):
-                if tok["row"] in rows:
-                    i, j = divmod(rows.index(tok["row"]), grid)
-                    tok["image"], tok["proxy_cell"] = k, (i // factor) * side + j // factor
 
     heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
     head_dim = text_config.hidden_size // heads
@@ -76,9 +87,9 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
         for qi, tok in enumerate(tokens):
             if tok["kind"] == "vision":
                 continue
-            hidden_kind = "proxy" if tok["kind"] == "text" else "vision"
+            hidden_kinds = ("vision", "newline") if tok["kind"] == "proxy" else ("proxy",)
             keys = [ki for ki, other in enumerate(tokens)
-                    if other["order"] <= tok["order"] and other["kind"] != hidden_kind]
+                    if other["order"] <= tok["order"] and other["kind"] not in hidden_kinds]
             out = []
             for h in range(heads):
                 kv = h // (heads // kv_heads)
@@ -93,9 +104,13 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
         for qi, tok in enumerate(tokens):
             if tok["kind"] != "vision":
                 continue
-            proxy = proxy_state[(tok["image"], tok["proxy_cell"])]
             own = mlp.proj_vision(rms(tok["state"], mlp.norm_vision.weight, mlp.norm_vision.eps))
-            ctx = mlp.proj_proxy(rms(proxy, mlp.norm_proxy.weight, mlp.norm_proxy.eps))
+            if "back" in tok:
+                ctx = sum(weight * mlp.proj_proxy(rms(proxy_state[(tok["image"], c)], mlp.norm_proxy.weight,
+                                                      mlp.norm_proxy.eps)) for c, weight in enumerate(tok["back"]))
+            else:
+                proxy = proxy_state[(tok["image"], tok["proxy_cell"])]
+                ctx = mlp.proj_proxy(rms(proxy, mlp.norm_proxy.weight, mlp.norm_proxy.eps))
             new_states[qi] = tok["state"] + mlp.out(F.silu(mlp.fuse(torch.cat([own, ctx]))))
         for qi, tok in enumerate(tokens):
             tok["state"] = new_states[qi]

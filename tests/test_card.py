@@ -92,7 +92,7 @@ def test_card_of_a_hub_conversion_names_its_base_model_and_licence(tmp_path, loc
     link = "[llava-hf/tiny-llava-hf](https://huggingface.co/llava-hf/tiny-llava-hf)"
     assert f"This is {link} (commit `{sha[:12]}`)" in card
     assert "ProxyV runs from decoder layer 1 of 4" in card
-    assert "| Proxy tokens per image | 16 (4x4: the grid downsampled by 6 per side) |" in card
+    assert "| Proxy tokens | 16 (4x4: the grid downsampled by 6 per side) |" in card
     assert pinned_revision(card) == SHA
     assert 'model_id, revision = "me/tiny-proxyv", "0123456789abcdef0123456789abcdef01234567"' in card
     assert "from_pretrained(model_id, revision=revision, trust_remote_code=True" in card

@@ -434,4 +434,6 @@ def test_key_rules_cover_every_layout():
         convert_module.target_name("vision_tower.post_layernorm.bias", "vision_model.")
         == "model.vision_tower.vision_model.post_layernorm.bias"
     )
-    assert rules("image_newline") is None
+    assert rules("image_newline") == "model.image_newline"  # LLaVA-NeXT
+    assert rules("model.image_newline") == "model.image_newline"
+    assert rules("something_else") is None

@@ -405,6 +405,7 @@ def test_config_defaults_and_round_trip(tmp_path):
     config = ProxyVLlavaConfig.from_llava_config(tiny_llava_config())
     assert config.proxyv_start_layer == 2 and config.proxyv_reduce_factor == 4
     assert config.proxyv_vision_mlp_size == 32  # H/2 for H < 1024
+    assert config.proxyv_learned_proxies == 36  # with --proxy learned: as many as the 6x6 spatial proxies
     config.save_pretrained(tmp_path)
     again = ProxyVLlavaConfig.from_pretrained(tmp_path)
     assert again.model_type == "proxyv_llava"

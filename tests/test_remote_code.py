@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import save_tiny_llava
+from tiny_models import save_tiny_llava, save_tiny_llava_next
 from transformers import AutoProcessor
 
 from proxyv_convert.convert import convert
@@ -45,18 +45,18 @@ USER_SCRIPT = textwrap.dedent(
         logits = model(**inputs).logits
         hidden = base(**inputs).last_hidden_state
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
-    torch.save({"logits": logits, "hidden": hidden, "generated": generated, "input_ids": inputs["input_ids"],
-                "pixel_values": inputs["pixel_values"]}, out)
+    torch.save({"logits": logits, "hidden": hidden, "generated": generated, "inputs": dict(inputs)}, out)
     print(json.dumps({"model": type(model).__module__ + "." + type(model).__name__,
                       "base": type(base).__name__, "processor": type(processor).__name__}))
     """
 )
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def converted(tmp_path_factory, request) -> Path:
     root = tmp_path_factory.mktemp("remote")
-    source = save_tiny_llava(root / "source", seed=5)
+    save = save_tiny_llava if request.param == "llava" else save_tiny_llava_next
+    source = save(root / "source", seed=5)
     out = root / "converted"
     convert(str(source), out, layer=2, progress=False)
     # Give the ProxyV weights non-zero values so that the comparison below covers them.
@@ -83,20 +83,20 @@ def run_as_user(folder: Path, tmp_path: Path) -> tuple[dict, dict]:
 
 def test_fresh_process_loads_and_matches(converted, tmp_path):
     info, outputs = run_as_user(converted, tmp_path)
-    assert info["model"].startswith("transformers_modules.") and info["model"].endswith(
-        "ProxyVLlavaForConditionalGeneration"
-    )
-    assert info["base"] == "ProxyVLlavaModel"
-    assert info["processor"] == "LlavaProcessor"
-
     torch.set_num_threads(1)
     model = load_model(converted)
+    family = type(model).__name__.removesuffix("ForConditionalGeneration")  # ProxyVLlava or ProxyVLlavaNext
+    assert info["model"].startswith("transformers_modules.") and info["model"].endswith(
+        f"{family}ForConditionalGeneration"
+    )
+    assert info["base"] == f"{family}Model"
+    assert info["processor"] == family.removeprefix("ProxyV") + "Processor"
+    inputs = outputs["inputs"]
     with torch.no_grad():
-        logits = model(input_ids=outputs["input_ids"], pixel_values=outputs["pixel_values"]).logits
+        logits = model(**inputs).logits
     torch.testing.assert_close(outputs["logits"], logits, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(model.lm_head(outputs["hidden"]), logits, atol=1e-5, rtol=1e-5)
-    generated = model.generate(input_ids=outputs["input_ids"], pixel_values=outputs["pixel_values"],
-                               max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
     assert torch.equal(outputs["generated"], generated)
 
 
@@ -105,12 +105,18 @@ def test_saved_folder_keeps_the_canonical_code(converted):
     for name, data in canonical_code().items():
         assert (converted / name).read_bytes() == data
     config = json.loads((converted / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_proxyv.ProxyVLlavaForConditionalGeneration"
-    assert config["auto_map"]["AutoModel"] == "modeling_proxyv.ProxyVLlavaModel"
+    family = "ProxyVLlavaNext" if config["model_type"] == "proxyv_llava_next" else "ProxyVLlava"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == f"modeling_proxyv.{family}ForConditionalGeneration"
+    assert config["auto_map"]["AutoModel"] == f"modeling_proxyv.{family}Model"
 
 
 def test_processor_loads_from_converted_folder(converted):
     processor = AutoProcessor.from_pretrained(converted)
     image = Image.fromarray(np.zeros((96, 96, 3), dtype=np.uint8))
     inputs = processor(images=image, text="user : <image> what", return_tensors="pt")
-    assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 576
+    image_tokens = int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
+    if "image_sizes" in inputs:  # LLaVA-NeXT: the count comes from the model's own layout of this image
+        model = load_model(converted)
+        assert image_tokens == model.model.image_layout(inputs["image_sizes"][0].tolist())[0]
+    else:
+        assert image_tokens == 576

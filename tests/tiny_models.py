@@ -12,6 +12,10 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -130,3 +134,56 @@ def image_prompt(parts: list[str | None], grid: int = 24) -> list[int]:
         else:
             ids += [VOCAB.index(w) for w in part.split()]
     return ids
+
+
+# --- LLaVA-NeXT (AnyRes) ---------------------------------------------------------------------------------------------
+
+NEXT_GRID = 8  # tokens per crop side: 32-pixel crops in 4-pixel patches
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96]]
+
+
+def tiny_llava_next_config(text: str = "llama", *, layers: int = 4, hidden: int = 64) -> LlavaNextConfig:
+    vision_config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=NEXT_GRID * 4, patch_size=4, projection_dim=32,
+    )
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text]
+    text_config = text_class(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(VOCAB), max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlavaNextConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), image_token_index=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+
+
+def tiny_llava_next(seed: int = 0, **kwargs) -> LlavaNextForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(tiny_llava_next_config(**kwargs)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.normal_(0.0, 0.5 / param.shape[1] ** 0.5)
+    return model
+
+
+def tiny_next_processor(config: LlavaNextConfig) -> LlavaNextProcessor:
+    size = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+
+
+def save_tiny_llava_next(path: Path, seed: int = 0, **kwargs) -> Path:
+    model = tiny_llava_next(seed, **kwargs)
+    model.save_pretrained(path)
+    tiny_next_processor(model.config).save_pretrained(path)
+    return Path(path)

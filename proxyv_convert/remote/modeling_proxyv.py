@@ -21,16 +21,22 @@ and loaded with `trust_remote_code=True`.
 import contextlib
 import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
+from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration, LlavaNextModel
+from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextPreTrainedModel,
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
 
-from .configuration_proxyv import ProxyVLlavaConfig
+from .configuration_proxyv import ProxyVLlavaConfig, ProxyVLlavaNextConfig, vision_grid
 
-TEXT, VISION, PROXY = 0, 1, 2
+TEXT, VISION, PROXY, NEWLINE = 0, 1, 2, 3  # NEWLINE: an image token outside every grid, computed like text
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -97,20 +103,43 @@ class ProxyVVisionMLP(nn.Module):
         for module in self.modules():
             init_proxyv_module(module, std)
 
-    def forward(self, vision: torch.Tensor, proxies: torch.Tensor, upsample_index: torch.Tensor) -> torch.Tensor:
-        # vision: (B, V, H) full tokens; proxies: (B, P, H) their proxies after this layer;
-        # upsample_index: (V,) proxy slot of each vision slot (nearest upsampling of the proxy grid).
-        # The projection is per token, so it is applied to the P proxies before upsampling to V.
-        ctx = self.proj_proxy(self.norm_proxy(proxies)).index_select(1, upsample_index)  # (B, V, I)
+    def forward(self, vision: torch.Tensor, proxies: torch.Tensor, context) -> torch.Tensor:
+        # vision: (B, V, H) full tokens; proxies: (B, P, H) their proxies after this layer; context maps per-proxy
+        # features (B, P, I) to per-vision-token ones (B, V, I). The projection is per token, so it is applied to the
+        # P proxies before they are spread over the V tokens.
+        ctx = context(self.proj_proxy(self.norm_proxy(proxies)))  # (B, V, I)
         own = self.proj_vision(self.norm_vision(vision))  # (B, V, I)
         update = self.out(F.silu(self.fuse(torch.cat([own, ctx], dim=-1))))  # (B, V, H)
         return vision + update
 
 
+class ProxyVLearnedProxies(nn.Module):
+    """Non-spatial proxies: `count` learned queries attend over the vision tokens of one image grid (any number of
+    them, in any layout); the same attention weights, normalised per token, carry the proxies' context back."""
+
+    def __init__(self, hidden_size: int, width: int, count: int, eps: float):
+        super().__init__()
+        self.norm = ProxyVRMSNorm(hidden_size, eps)
+        self.key = nn.Linear(hidden_size, width, bias=False)
+        self.queries = nn.Parameter(torch.empty(count, width))
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: (G, N, H) of G grids padded to N, valid: (G, N) -> proxies (G, K, H), weights back (G, N, K)."""
+        keys = self.key(self.norm(tokens))  # (G, N, I)
+        scores = torch.einsum("ki,gni->gkn", self.queries.to(keys.dtype), keys) * keys.shape[-1] ** -0.5
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        weights = scores.float().softmax(-1).to(tokens.dtype)  # (G, K, N): each proxy a convex mix of tokens
+        back = weights.transpose(1, 2)
+        back = back / back.sum(-1, keepdim=True).clamp_min(1e-9)  # each token's weights over the proxies sum to 1
+        return weights @ tokens, back
+
+
 @torch.no_grad()
 def init_proxyv_module(module: nn.Module, std: float) -> None:
     """Initial values of one ProxyV submodule (norms at one, projections normal(0, std), the output at zero)."""
-    if isinstance(module, ProxyVRMSNorm):
+    if isinstance(module, ProxyVLearnedProxies):
+        module.queries.normal_(0.0, 1.0)
+    elif isinstance(module, ProxyVRMSNorm):
         module.weight.fill_(1.0)
     elif isinstance(module, ProxyVZeroLinear):
         module.weight.zero_()
@@ -121,7 +150,8 @@ def init_proxyv_module(module: nn.Module, std: float) -> None:
 
 
 class ProxyVModules(nn.Module):
-    """All parameters ProxyV adds to a model: one VisionMLP per layer from the start layer on."""
+    """All parameters ProxyV adds to a model: one VisionMLP per layer from the start layer on, and with learned
+    proxies the module that makes them."""
 
     def __init__(self, config: ProxyVLlavaConfig):
         super().__init__()
@@ -132,133 +162,220 @@ class ProxyVModules(nn.Module):
                 for i in range(config.proxyv_start_layer, text.num_hidden_layers)
             }
         )
+        if config.proxyv_proxy == "learned":
+            self.learned = ProxyVLearnedProxies(
+                text.hidden_size, config.proxyv_vision_mlp_size, config.proxyv_learned_proxies, text.rms_norm_eps
+            )
 
     def reset_parameters(self, std: float) -> None:
-        for mlp in self.vision_mlps.values():
-            mlp.reset_parameters(std)
+        for module in self.modules():
+            init_proxyv_module(module, std)
+
+
+@dataclass(frozen=True)
+class ProxyVGrid:
+    """One image's 2-D grid of vision tokens in a prompt: cell (i, j) is row `start + i * stride + j`.
+
+    `stride` is `width` for a plain grid and `width + 1` when every grid row ends with a newline token.
+    """
+
+    start: int
+    height: int
+    width: int
+    stride: int
+
+    def rows(self) -> torch.Tensor:
+        return (self.start + torch.arange(self.height)[:, None] * self.stride + torch.arange(self.width)).reshape(-1)
+
+    def proxy_shape(self, factor: int) -> tuple[int, int]:
+        return -(-self.height // factor), -(-self.width // factor)  # ceil: a partial block still gets a proxy
 
 
 class ProxyVPlan:
     """Index tensors and the attention mask of one ProxyV prefill, shared by every ProxyV layer.
 
     Layout of the hidden states between ProxyV layers: rows [0, T) are the sequence as given, rows [T, T + P) the
-    proxies (M image slots of p proxies each, M = most images in one sample). Queries are `Qt` text slots followed
-    by the P proxies; slots that a sample does not use are computed and discarded.
+    proxies (each sample's grids' proxies, padded to the longest sample). Queries are `Qt` text slots (text tokens,
+    including image tokens outside any grid such as newline tokens, which are computed like text) followed by the P
+    proxy slots; slots that a sample does not use are computed and discarded.
     """
 
     def __init__(
         self,
         image_mask: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        grids: list[list[ProxyVGrid]],
         *,
-        grid: int,
         factor: int,
         start_layer: int,
         num_layers: int,
         modules: ProxyVModules,
         sliding_window: int | None = None,
+        learned: int | None = None,
     ):
+        """`learned`: proxies per grid made by the learned module (else spatial: the grid downsampled by `factor`)."""
         batch, seq = image_mask.shape
-        per_image = grid * grid
-        counts_list = image_mask.sum(1).tolist()  # the one host sync of a ProxyV forward
-        for count in counts_list:
-            if count % per_image:
-                raise ValueError(
-                    f"ProxyV needs whole images of {per_image} image tokens in one forward, but a prompt has {count} "
-                    "image tokens"
-                )
         device = image_mask.device
-        side = grid // factor
         self.modules = modules
+        self.learned = learned is not None
         self.start_layer, self.last_layer = start_layer, num_layers - 1
-        self.num_images = max(counts_list) // per_image
         self.seq_len = seq
-        self.proxies_per_image = side * side
-        self.num_proxies = self.num_images * self.proxies_per_image
-        self.grid, self.side = grid, side
-        self.num_text_slots = seq - min(counts_list)
-        num_vision = self.num_images * per_image
-        proxies, text_slots = self.num_proxies, self.num_text_slots
 
-        counts = image_mask.sum(1)  # (B,)
-        is_text = ~image_mask
-        # Stable sorts list each sample's image rows (then its text rows) in sequence order.
-        image_first = torch.argsort(is_text.to(torch.int8), dim=1, stable=True)
-        text_first = torch.argsort(image_mask.to(torch.int8), dim=1, stable=True)
-        self.vision_index = image_first[:, :num_vision]  # (B, V)
-        text_index = text_first[:, :text_slots]  # (B, Qt)
-        proxy_rows = torch.arange(seq, seq + proxies, device=device).expand(batch, proxies)
-        self.query_index = torch.cat([text_index, proxy_rows], dim=1)  # (B, Q)
+        # Per sample, on the CPU: the grid rows (vision slots), each vision slot's proxy, the proxies' source rows.
+        vision, upsample, sources, text, kinds = [], [], [], [], []
+        shape_groups: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        is_image = image_mask.cpu()
+        learned_groups = []  # (flat token rows, flat proxy slots) of every grid, for learned proxies
+        for b, sample_grids in enumerate(grids):
+            rows, ups, srcs, offset = [], [], [], 0
+            for grid in sample_grids:
+                ph, pw = grid.proxy_shape(factor) if learned is None else (1, learned)
+                rows.append(grid.rows())
+                cell_i = torch.arange(grid.height)[:, None] * ph // grid.height  # nearest: floor(i * ph / h)
+                cell_j = torch.arange(grid.width) * pw // grid.width
+                ups.append((offset + cell_i * pw + cell_j).reshape(-1))
+                srcs.append(grid.start + torch.arange(ph * pw))
+                sources_group, slots_group = shape_groups.setdefault((grid.height, grid.width), ([], []))
+                sources_group.append(b * seq + rows[-1])
+                slots_group.append((b, offset))
+                learned_groups.append((b * seq + rows[-1], (b, offset)))
+                offset += ph * pw
+            row_index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+            kind = torch.where(is_image[b], NEWLINE, TEXT)
+            kind[row_index] = VISION
+            vision.append(row_index)
+            upsample.append(torch.cat(ups) if ups else torch.zeros(0, dtype=torch.long))
+            sources.append(torch.cat(srcs) if srcs else torch.zeros(0, dtype=torch.long))
+            text.append(torch.nonzero(kind != VISION).reshape(-1))
+            kinds.append(kind)
+        num_vision = max(len(v) for v in vision)
+        proxies = max(len(p) for p in sources)
+        text_slots = max(len(t) for t in text)
+        self.num_proxies, self.num_text_slots = proxies, text_slots
 
-        # Row r of a layer's output is row out_index[r] of cat([query outputs, vision outputs]).
-        image_rank = image_mask.cumsum(1) - 1
-        text_rank = is_text.cumsum(1) - 1
-        query_count = text_slots + proxies
-        self.out_index = torch.cat(
-            [
-                torch.where(image_mask, query_count + image_rank, text_rank),
-                torch.arange(text_slots, query_count, device=device).expand(batch, proxies),
-            ],
-            dim=1,
-        )  # (B, T + P)
+        def padded(items: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            out = torch.zeros(batch, width, dtype=torch.long)
+            valid = torch.zeros(batch, width, dtype=torch.bool)
+            for b, item in enumerate(items):
+                out[b, : len(item)] = item
+                valid[b, : len(item)] = True
+            return out, valid
 
-        # Proxy j of an image starting at row s takes the causal order and RoPE position of row s + j.
-        image_start = self.vision_index[:, ::per_image]  # (B, M)
-        offsets = torch.arange(self.proxies_per_image, device=device)
-        self.proxy_source = (image_start[:, :, None] + offsets).reshape(batch, proxies).clamp(max=seq - 1)  # (B, P)
-        image_valid = torch.arange(self.num_images, device=device) < (counts // per_image)[:, None]  # (B, M)
-        proxy_valid = image_valid.repeat_interleave(self.proxies_per_image, dim=1)  # (B, P)
+        vision_index, _ = padded(vision, num_vision)
+        upsample_index, _ = padded(upsample, num_vision)
+        proxy_source, proxy_valid = padded(sources, proxies)
+        text_index, text_valid = padded(text, text_slots)
+        kind = torch.stack(kinds)  # (B, T)
+        # Row r of a layer's output is row out_index[r] of cat([text slots, proxy slots, vision slots]).
+        out_index = torch.empty(batch, seq + proxies, dtype=torch.long)
+        for b in range(batch):
+            out_index[b, text[b]] = torch.arange(len(text[b]))
+            out_index[b, vision[b]] = text_slots + proxies + torch.arange(len(vision[b]))
+        out_index[:, seq:] = torch.arange(text_slots, text_slots + proxies)
 
-        # Nearest upsampling of the proxy grid back to the full grid, for every image slot.
-        cell = torch.arange(per_image, device=device)
-        proxy_of_cell = (cell // grid // factor) * side + (cell % grid) // factor
-        slots = torch.arange(self.num_images, device=device)[:, None] * self.proxies_per_image
-        self.upsample_index = (slots + proxy_of_cell).reshape(num_vision)  # (V,)
+        # The shape groups of make_proxies: flat source rows and flat proxy slots of every grid of one shape.
+        self.proxy_groups = []
+        for (height, width), (group_rows, group_slots) in shape_groups.items():
+            ph, pw = ProxyVGrid(0, height, width, width).proxy_shape(factor)
+            slots = torch.cat([b * proxies + offset + torch.arange(ph * pw) for b, offset in group_slots])
+            self.proxy_groups.append(((height, width), (ph, pw), torch.cat(group_rows).to(device), slots.to(device)))
+        if self.learned:
+            self._learned_layout(learned_groups, vision, proxies, num_vision, learned, device)
 
+        to = {"device": device}
+        self.vision_index = vision_index.to(**to)  # (B, V)
+        self.query_index = torch.cat([text_index, torch.arange(seq, seq + proxies).expand(batch, proxies)], 1).to(**to)
+        self.out_index = out_index.to(**to)  # (B, T + P)
+        self.proxy_source = proxy_source.clamp(max=seq - 1).to(**to)  # (B, P): causal order and RoPE position
         # The same index sets flattened for the (B*rows, H) views they are used on (index_select copies whole rows).
         rows = seq + proxies
         self.query_rows = flat_rows(self.query_index, rows)
         self.vision_rows = flat_rows(self.vision_index, rows)
-        self.vision_rows_start = flat_rows(self.vision_index, seq)  # at the start layer, before the proxies exist
         self.out_rows = flat_rows(self.out_index, text_slots + proxies + num_vision)
+        self.upsample_rows = flat_rows(upsample_index.to(**to), proxies)  # vision slot -> proxy slot, (B*V,)
+        self.num_vision = num_vision
 
-        self.mask = self._attention_mask(image_mask, attention_mask, counts, proxy_valid, sliding_window)
+        self.mask = self._attention_mask(
+            kind.to(**to), attention_mask, text_valid.to(**to), proxy_valid.to(**to), sliding_window
+        )
         self._rope_source: torch.Tensor | None = None
         self._rope: tuple[torch.Tensor, ...] = ()
 
-    def _attention_mask(self, image_mask, attention_mask, counts, proxy_valid, sliding_window) -> torch.Tensor:
-        batch, seq = image_mask.shape
-        device = image_mask.device
-        real = torch.ones_like(image_mask) if attention_mask is None else attention_mask[:, -seq:].bool()
+    def _attention_mask(self, kind, attention_mask, text_valid, proxy_valid, sliding_window) -> torch.Tensor:
+        batch, seq = kind.shape
+        device = kind.device
+        real = torch.ones_like(kind, dtype=torch.bool) if attention_mask is None else attention_mask[:, -seq:].bool()
         rows = torch.arange(seq, device=device).expand(batch, seq)
         key_order = torch.cat([rows, self.proxy_source], dim=1)  # (B, T + P)
-        key_kind = torch.cat(
-            [image_mask.long(), torch.full_like(self.proxy_source, PROXY)], dim=1
-        )  # TEXT=0, VISION=1, PROXY=2
+        key_kind = torch.cat([kind, torch.full_like(self.proxy_source, PROXY)], dim=1)
         key_valid = torch.cat([real, proxy_valid], dim=1)
         query_order = key_order.gather(1, self.query_index)  # (B, Q)
-        query_kind = key_kind.gather(1, self.query_index)
-        text_slot_valid = torch.arange(self.num_text_slots, device=device) < (seq - counts)[:, None]
-        query_valid = torch.cat([text_slot_valid & key_valid.gather(1, self.query_index[:, : self.num_text_slots]),
-                                 proxy_valid], dim=1)
+        query_is_proxy = (key_kind.gather(1, self.query_index) == PROXY)[:, :, None]
+        query_valid = key_valid.gather(1, self.query_index) & torch.cat([text_valid, proxy_valid], dim=1)
 
         allowed = key_valid[:, None, :] & (key_order[:, None, :] <= query_order[:, :, None])
         if sliding_window is not None:
             allowed &= (query_order[:, :, None] - key_order[:, None, :]) < sliding_window
-        hidden_kind = torch.where(query_kind == TEXT, PROXY, VISION)  # what each query may not see
-        allowed &= key_kind[:, None, :] != hidden_kind[:, :, None]
+        # Text (and newline tokens, computed like text) never sees proxies; proxies see only text and proxies.
+        key_kind = key_kind[:, None, :]
+        allowed &= torch.where(query_is_proxy, (key_kind == TEXT) | (key_kind == PROXY), key_kind != PROXY)
         # Padding and unused slots attend to themselves only: finite, and never seen by a real query.
         own = torch.arange(seq + self.num_proxies, device=device) == self.query_index[:, :, None]
         allowed = torch.where(query_valid[:, :, None], allowed, own)
         return allowed[:, None]  # (B, 1, Q, T + P), True = attend
 
+    def _learned_layout(self, groups, vision, proxies: int, num_vision: int, count: int, device) -> None:
+        """Index tensors of learned proxies: every grid's tokens padded to the longest grid (G, N), its proxy slots,
+        and for every vision slot its place in that padded layout."""
+        longest = max(len(rows) for rows, _ in groups)
+        token_rows = torch.zeros(len(groups), longest, dtype=torch.long)
+        valid = torch.zeros(len(groups), longest, dtype=torch.bool)
+        for g, (rows, _) in enumerate(groups):
+            token_rows[g, : len(rows)], valid[g, : len(rows)] = rows, True
+        slots = torch.cat([b * proxies + offset + torch.arange(count) for _, (b, offset) in groups])
+        # Vision slots list each sample's grids in order, so the padded layout maps back slot by slot.
+        to_layout = torch.zeros(len(vision), num_vision, dtype=torch.long)
+        g = 0
+        for b, sample_rows in enumerate(vision):
+            position = 0
+            while position < len(sample_rows):
+                size = int(valid[g].sum())
+                to_layout[b, position : position + size] = g * longest + torch.arange(size)
+                position += size
+                g += 1
+        self.learned_rows, self.learned_valid = token_rows.reshape(-1).to(device), valid.to(device)
+        self.learned_slots, self.learned_back_rows = slots.to(device), to_layout.reshape(-1).to(device)
+        self.learned_back: torch.Tensor | None = None
+
+    def context(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-proxy features (B, P, I) -> per-vision-token context (B, V, I): each token's proxy (spatial) or the
+        proxies weighted by the token's attention weights (learned)."""
+        batch, _, width = features.shape
+        flat = features.reshape(-1, width)
+        if not self.learned:
+            return flat.index_select(0, self.upsample_rows).view(batch, -1, width)
+        groups, longest = self.learned_valid.shape
+        per_grid = flat.index_select(0, self.learned_slots).view(groups, -1, width)  # (G, K, I)
+        spread = torch.bmm(self.learned_back, per_grid).reshape(-1, width)  # (G*N, I)
+        return spread.index_select(0, self.learned_back_rows).view(batch, self.num_vision, width)
+
     def make_proxies(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) states at the start layer -> (B, P, H) proxies: bilinear downsampling of each image grid."""
+        """(B, T, H) states at the start layer -> (B, P, H) proxies: bilinear downsampling of every grid, or the
+        learned queries' attention over each grid's tokens."""
         batch, _, width = hidden.shape
-        vision = select_rows(hidden, self.vision_rows_start)  # (B, M*g*g, H)
-        grid = vision.view(batch * self.num_images, self.grid, self.grid, width).permute(0, 3, 1, 2)
-        small = F.interpolate(grid, size=(self.side, self.side), mode="bilinear", align_corners=False)
-        return small.permute(0, 2, 3, 1).reshape(batch, self.num_proxies, width)
+        flat = hidden.reshape(-1, width)
+        proxies = hidden.new_zeros(batch * self.num_proxies, width)
+        if self.learned:
+            groups, longest = self.learned_valid.shape
+            tokens = flat.index_select(0, self.learned_rows).view(groups, longest, width)
+            made, self.learned_back = self.modules.learned(tokens, self.learned_valid)
+            proxies = proxies.index_copy(0, self.learned_slots, made.reshape(-1, width))
+            return proxies.view(batch, self.num_proxies, width)
+        for (height, grid_width), (ph, pw), rows, slots in self.proxy_groups:
+            grid = flat.index_select(0, rows).view(-1, height, grid_width, width).permute(0, 3, 1, 2)
+            small = F.interpolate(grid, size=(ph, pw), mode="bilinear", align_corners=False)
+            proxies = proxies.index_copy(0, slots, small.permute(0, 2, 3, 1).reshape(-1, width))
+        return proxies.view(batch, self.num_proxies, width)
 
     def rope(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(cos, sin) of the T + P key rows and of the query rows, each (B, 1, L, d); computed once per forward."""
@@ -338,7 +455,7 @@ class ProxyVDecoderLayerMixin:
         vision_mlp = plan.modules.vision_mlps[str(layer_idx)]
         vision = select_rows(hidden_states, plan.vision_rows)  # (B, V, H)
         new_proxies = out_q[:, plan.num_text_slots :]  # (B, P, H)
-        out_v = vision_mlp(vision, new_proxies, plan.upsample_index)
+        out_v = vision_mlp(vision, new_proxies, plan.context)
 
         out = select_rows(torch.cat([out_q, out_v], dim=1), plan.out_rows)  # (B, T+P, H)
         if layer_idx == plan.last_layer:
@@ -356,25 +473,22 @@ def proxyv_layer_class(base: type) -> type:
     return _LAYER_CLASSES[base]
 
 
-class ProxyVLlavaPreTrainedModel(LlavaPreTrainedModel):
-    config_class = ProxyVLlavaConfig
-    config: ProxyVLlavaConfig
+class ProxyVInitMixin:
+    """Initial values of the ProxyV modules when a model is built from a config (loading never re-initialises)."""
 
     def _init_weights(self, module):
-        if isinstance(module, (ProxyVRMSNorm, ProxyVZeroLinear)):
+        if isinstance(module, (ProxyVRMSNorm, ProxyVZeroLinear, ProxyVLearnedProxies)):
             init_proxyv_module(module, self.config.text_config.initializer_range)
         else:
             super()._init_weights(module)
 
 
-class ProxyVLlavaModel(ProxyVLlavaPreTrainedModel, LlavaModel):
-    """LLaVA model (vision tower, projector, language model) whose decoder layers from the start layer on run ProxyV."""
+class ProxyVModelMixin:
+    """The ProxyV parts of a LLaVA-family base model: the ProxyV layers, the `proxyv` modules, the plan of a forward
+    and the ProxyV-off switch. Subclasses say where each prompt's image grids are (`_image_grids`)."""
 
-    def __init__(self, config: ProxyVLlavaConfig):
-        ProxyVLlavaPreTrainedModel.__init__(self, config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+    def _attach_proxyv(self, config) -> None:
+        """Swap the decoder layers from the start layer on for their ProxyV subclasses and add the ProxyV modules."""
         layers = self.language_model.layers
         for i in range(config.proxyv_start_layer, config.text_config.num_hidden_layers):
             layers[i] = proxyv_layer_class(type(layers[i]))(config.text_config, i)
@@ -403,6 +517,9 @@ class ProxyVLlavaModel(ProxyVLlavaPreTrainedModel, LlavaModel):
         )
         return (inputs_embeds == image_embed).all(-1)
 
+    def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
+        raise NotImplementedError
+
     def _make_plan(self, arguments: dict) -> ProxyVPlan | None:
         image_mask = self._image_token_mask(arguments.get("input_ids"), arguments.get("inputs_embeds"))
         if not bool(image_mask.any()):
@@ -415,24 +532,27 @@ class ProxyVLlavaModel(ProxyVLlavaPreTrainedModel, LlavaModel):
                 "ProxyV prefills images only at the start of a sequence (the cache already holds "
                 f"{cache.get_seq_length()} tokens); pass the whole prompt in one call"
             )
+        attention_mask = arguments.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("ProxyV takes a 2-D attention mask (batch, sequence) of ones and zeros")
         text = self.config.text_config
         window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
         return ProxyVPlan(
             image_mask,
-            arguments.get("attention_mask"),
-            grid=self.config.proxyv_grid,
+            attention_mask,
+            self._image_grids(image_mask.cpu(), arguments),
             factor=self.config.proxyv_reduce_factor,
             start_layer=self.config.proxyv_start_layer,
             num_layers=text.num_hidden_layers,
             modules=self.proxyv,
             sliding_window=window,
+            learned=self.config.proxyv_learned_proxies if self.config.proxyv_proxy == "learned" else None,
         )
 
     def forward(self, *args, **kwargs):
         if not self.proxyv_active:
             return super().forward(*args, **kwargs)
-        arguments = inspect.signature(LlavaModel.forward).bind(self, *args, **kwargs).arguments
-        arguments.pop("self")
+        arguments = inspect.signature(super().forward).bind(*args, **kwargs).arguments
         arguments.update(arguments.pop("kwargs", {}))
         plan = self._make_plan(arguments)
         if plan is None:
@@ -446,7 +566,64 @@ class ProxyVLlavaModel(ProxyVLlavaPreTrainedModel, LlavaModel):
         return outputs if return_dict else outputs.to_tuple()
 
 
-class ProxyVLlavaForConditionalGeneration(ProxyVLlavaPreTrainedModel, LlavaForConditionalGeneration):
+class ProxyVHeadMixin:
+    """The ProxyV switch and parameters, on the model with the language-modeling head."""
+
+    def proxyv_disabled(self):
+        """Within this block the model computes exactly what the original model computes."""
+        return self.model.proxyv_disabled()
+
+    def proxyv_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters ProxyV adds (the only ones distillation trains)."""
+        return ((f"model.proxyv.{name}", p) for name, p in self.model.proxyv.named_parameters())
+
+
+def contiguous_images(rows: torch.Tensor, sizes: list[int]) -> list[int]:
+    """Start rows of consecutive images of `sizes` tokens among the image-token `rows` of one prompt."""
+    starts, position = [], 0
+    for size in sizes:
+        start = int(rows[position])
+        if int(rows[position + size - 1]) - start != size - 1:
+            raise ValueError(f"each image's {size} image tokens must be contiguous in the prompt")
+        starts.append(start)
+        position += size
+    return starts
+
+
+# --- LLaVA (1.5) ----------------------------------------------------------------------------------------------------
+
+
+class ProxyVLlavaPreTrainedModel(ProxyVInitMixin, LlavaPreTrainedModel):
+    config_class = ProxyVLlavaConfig
+    config: ProxyVLlavaConfig
+
+
+class ProxyVLlavaModel(ProxyVModelMixin, ProxyVLlavaPreTrainedModel, LlavaModel):
+    """LLaVA model (vision tower, projector, language model) whose decoder layers from the start layer on run ProxyV."""
+
+    def __init__(self, config: ProxyVLlavaConfig):
+        LlavaModel.__init__(self, config)
+        self._attach_proxyv(config)
+
+    def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
+        """Each prompt's images: runs of grid x grid image tokens, one image after another (learned proxies take any
+        number of tokens per image, as one row)."""
+        side, per_image = vision_grid(self.config)
+        height, width = (side, side) if self.config.proxyv_proxy == "spatial" else (1, per_image)
+        grids = []
+        for sample in image_mask:
+            rows = torch.nonzero(sample).reshape(-1)
+            if len(rows) % per_image:
+                raise ValueError(
+                    f"ProxyV needs whole images of {per_image} image tokens in one forward, but a prompt has "
+                    f"{len(rows)} image tokens"
+                )
+            starts = contiguous_images(rows, [per_image] * (len(rows) // per_image))
+            grids.append([ProxyVGrid(start, height, width, width) for start in starts])
+        return grids
+
+
+class ProxyVLlavaForConditionalGeneration(ProxyVHeadMixin, ProxyVLlavaPreTrainedModel, LlavaForConditionalGeneration):
     """LLaVA with a language-modeling head whose language model runs ProxyV from the start layer on."""
 
     def __init__(self, config: ProxyVLlavaConfig):
@@ -455,13 +632,93 @@ class ProxyVLlavaForConditionalGeneration(ProxyVLlavaPreTrainedModel, LlavaForCo
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def proxyv_disabled(self):
-        """Within this block the model computes exactly what the original LLaVA model computes."""
-        return self.model.proxyv_disabled()
 
-    def proxyv_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The parameters ProxyV adds (the only ones distillation trains)."""
-        return ((f"model.proxyv.{name}", p) for name, p in self.model.proxyv.named_parameters())
+# --- LLaVA-NeXT (AnyRes) --------------------------------------------------------------------------------------------
 
 
-__all__ = ["ProxyVLlavaForConditionalGeneration", "ProxyVLlavaModel", "ProxyVLlavaPreTrainedModel"]
+class ProxyVLlavaNextPreTrainedModel(ProxyVInitMixin, LlavaNextPreTrainedModel):
+    config_class = ProxyVLlavaNextConfig
+    config: ProxyVLlavaNextConfig
+
+
+class ProxyVLlavaNextModel(ProxyVModelMixin, ProxyVLlavaNextPreTrainedModel, LlavaNextModel):
+    """LLaVA-NeXT model whose decoder layers from the start layer on run ProxyV.
+
+    Each image is a base crop (a grid x grid token grid) followed by its high-resolution crops, arranged side by side,
+    unpadded to the image's aspect ratio, with a newline token closing every row. Proxies are made per grid: the base
+    grid and the high-resolution grid (downsampled to ceil(rows / factor) x ceil(columns / factor)); the newline
+    tokens are computed like text.
+    """
+
+    def __init__(self, config: ProxyVLlavaNextConfig):
+        LlavaNextModel.__init__(self, config)
+        self._attach_proxyv(config)
+
+    def image_layout(self, image_size: list[int]) -> tuple[int, list[tuple[int, int, int, int]]]:
+        """(token count, [(offset, rows, columns, stride) of each grid]) of one image of `image_size` (height, width),
+        as LlavaNextModel.pack_image_features lays it out (transformers' own functions give the shapes)."""
+        side = self.config.proxyv_grid
+        crops_high, crops_wide = get_anyres_image_grid_shape(
+            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        )
+        height, width = unpad_image(torch.empty(1, crops_high * side, crops_wide * side), image_size).shape[1:]
+        base = (0, side, side, side)
+        high_resolution = (side * side, height, width, width + 1)
+        return side * side + height * (width + 1), [base, high_resolution]
+
+    def get_image_features(self, pixel_values, image_sizes, *args, **kwargs):
+        output = super().get_image_features(pixel_values, image_sizes, *args, **kwargs)
+        if not isinstance(output, tuple):  # generate() may pass the features on without image_sizes: keep them here
+            output.proxyv_image_sizes = image_sizes
+        return output
+
+    def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
+        image_sizes = arguments.get("image_sizes")
+        if image_sizes is None:
+            encoded = (arguments.get("mm_encoder_outputs") or {}).get("image")
+            image_sizes = getattr(encoded, "proxyv_image_sizes", None)
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT prompts with images need `image_sizes` (the processor returns them)")
+        layouts = [self.image_layout(size) for size in torch.as_tensor(image_sizes).tolist()]
+        grids, image = [], 0
+        for sample in image_mask:
+            rows = torch.nonzero(sample).reshape(-1)
+            sizes, total = [], 0
+            while total < len(rows):
+                if image == len(layouts):
+                    raise ValueError("the prompts have more image tokens than `image_sizes` describes")
+                sizes.append(layouts[image][0])
+                total += layouts[image][0]
+                image += 1
+            if total != len(rows):
+                raise ValueError(f"a prompt has {len(rows)} image tokens but its images need {total}")
+            starts = contiguous_images(rows, sizes)
+            first = image - len(sizes)
+            grids.append([
+                ProxyVGrid(start + offset, height, width, stride)
+                for start, (_, parts) in zip(starts, layouts[first:image], strict=True)
+                for offset, height, width, stride in parts
+            ])
+        return grids
+
+
+class ProxyVLlavaNextForConditionalGeneration(
+    ProxyVHeadMixin, ProxyVLlavaNextPreTrainedModel, LlavaNextForConditionalGeneration
+):
+    """LLaVA-NeXT with a language-modeling head whose language model runs ProxyV from the start layer on."""
+
+    def __init__(self, config: ProxyVLlavaNextConfig):
+        ProxyVLlavaNextPreTrainedModel.__init__(self, config)
+        self.model = ProxyVLlavaNextModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "ProxyVLlavaForConditionalGeneration",
+    "ProxyVLlavaModel",
+    "ProxyVLlavaNextForConditionalGeneration",
+    "ProxyVLlavaNextModel",
+    "ProxyVLlavaNextPreTrainedModel",
+    "ProxyVLlavaPreTrainedModel",
+]
