@@ -34,6 +34,35 @@ def weight_mb(model: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
+def measure_plain(plain: torch.nn.Module, batch) -> tuple[float, float]:
+    """(peak tensor MB, weight MB) of a forward+backward of the plain model, every weight trainable."""
+    plain.train()
+
+    def step() -> None:
+        labels = batch.inputs["input_ids"].masked_fill(batch.inputs["attention_mask"] == 0, -100)
+        plain(**batch.inputs, labels=labels).loss.backward()
+
+    return peak_memory_mb(step, torch.device("cpu")), weight_mb(plain)
+
+
+def measure_distill(folder: Path, batch) -> tuple[float, float]:
+    """(peak tensor MB, weight MB) of one distillation step: teacher forward, student forward and backward, AdamW."""
+    model = load_model(folder)
+    model.requires_grad_(False)
+    model.model.proxyv.requires_grad_(True)
+    model.train()
+    optimizer = torch.optim.AdamW(model.model.proxyv.parameters(), lr=1e-3)
+    settings = DistillSettings()
+
+    def step() -> None:
+        teacher, student = teacher_and_student(model, batch)
+        distill_losses(model, student, teacher, batch, settings)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return peak_memory_mb(step, torch.device("cpu")), weight_mb(model)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help="a plain LLaVA folder")
@@ -56,38 +85,17 @@ def main(argv: list[str] | None = None) -> None:
         data = load_data(args.data, split="train")
         batch = Batcher(data, processor, plain.config.image_token_id, 2048)(list(range(args.batch_size)))
 
-        plain.train()
-
-        def plain_step() -> None:
-            labels = batch.inputs["input_ids"].masked_fill(batch.inputs["attention_mask"] == 0, -100)
-            plain(**batch.inputs, labels=labels).loss.backward()
-
-        plain_peak = peak_memory_mb(plain_step, torch.device("cpu"))
-        plain_total = weight_mb(plain) + plain_peak
+        plain_peak, plain_weights = measure_plain(plain, batch)
+        plain_total = plain_weights + plain_peak
         del plain
-
-        model = load_model(work / "m")
-        model.requires_grad_(False)
-        model.model.proxyv.requires_grad_(True)
-        model.train()
-        optimizer = torch.optim.AdamW(model.model.proxyv.parameters(), lr=1e-3)
-        settings = DistillSettings()
-
-        def distill_step() -> None:
-            teacher, student = teacher_and_student(model, batch)
-            distill_losses(model, student, teacher, batch, settings)["loss"].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        distill_peak = peak_memory_mb(distill_step, torch.device("cpu"))
-        distill_total = weight_mb(model) + distill_peak
+        distill_peak, distill_weights = measure_distill(work / "m", batch)
+        distill_total = distill_weights + distill_peak
         print(f"batch {args.batch_size} x {batch.inputs['input_ids'].shape[1]} tokens, ProxyV from layer {layer}")
-        print(f"plain forward+backward: weights {weight_mb(model):.1f} MB + peak tensors {plain_peak:.1f} MB = "
+        print(f"plain forward+backward: weights {plain_weights:.1f} MB + peak tensors {plain_peak:.1f} MB = "
               f"{plain_total:.1f} MB")
-        print(f"distill step:           weights {weight_mb(model):.1f} MB + peak tensors {distill_peak:.1f} MB = "
+        print(f"distill step:           weights {distill_weights:.1f} MB + peak tensors {distill_peak:.1f} MB = "
               f"{distill_total:.1f} MB")
         print(f"memory ratio (distill / plain): {distill_total / plain_total:.3f}", flush=True)
-        del model
 
         result = distill(work / "m", args.data, settings=DistillSettings(
             steps=args.steps, batch_size=args.batch_size, eval_examples=8, checkpoint_every=args.steps,

@@ -208,23 +208,27 @@ class Runner:
             return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
 
     @torch.no_grad()
-    def decode_ms_per_token(self, proxyv: bool, tokens: int, device: torch.device) -> float:
-        """Median milliseconds of one greedy decode step after a prefill."""
-        with self._mode(proxyv):
-            out = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+    def decode_ms_per_token(self, tokens: int, device: torch.device) -> dict[str, float]:
+        """Median milliseconds of one greedy decode step after a prefill, for both sides, their steps interleaved."""
+        state = {}
+        for side, on in (("off", False), ("proxyv", True)):
+            with self._mode(on):
+                out = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
             cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            token = out.logits[:, -1:].argmax(-1)
-            mask = self.inputs["attention_mask"]
-            times = []
-            for _ in range(tokens):
+            state[side] = [out.logits[:, -1:].argmax(-1), self.inputs["attention_mask"], cache]
+        times: dict[str, list[float]] = {side: [] for side in state}
+        for step in range(tokens):
+            for side in state if step % 2 == 0 else list(state)[::-1]:
+                token, mask, cache = state[side]
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                synchronize(device)
-                start = time.perf_counter()
-                out = self.model(input_ids=token, attention_mask=mask, use_cache=True, **{_cache_keyword(): cache})
-                synchronize(device)
-                times.append((time.perf_counter() - start) * 1000)
-                token = out.logits[:, -1:].argmax(-1)
-        return statistics.median(times[1:] or times)
+                with self._mode(side == "proxyv"):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    out = self.model(input_ids=token, attention_mask=mask, use_cache=True, **{_cache_keyword(): cache})
+                    synchronize(device)
+                times[side].append((time.perf_counter() - start) * 1000)
+                state[side] = [out.logits[:, -1:].argmax(-1), mask, cache]
+        return {side: round(statistics.median(values[1:] or values), 3) for side, values in times.items()}
 
     def _mode(self, proxyv: bool):
         import contextlib
@@ -288,9 +292,7 @@ def bench(
                 {side: partial(runner.prefill, on) for side, on in sides.items()}, repeats, warmup, device
             )
             case.prefill_ratio = round(case.prefill_ms["proxyv"] / case.prefill_ms["off"], 4)
-            case.decode_ms_per_token = {
-                side: round(runner.decode_ms_per_token(on, decode_tokens, device), 3) for side, on in sides.items()
-            }
+            case.decode_ms_per_token = runner.decode_ms_per_token(decode_tokens, device)
             case.decode_ratio = round(case.decode_ms_per_token["proxyv"] / case.decode_ms_per_token["off"], 4)
         if memory:
             case.peak_memory_mb = {

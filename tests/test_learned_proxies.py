@@ -6,6 +6,7 @@ import pytest
 import torch
 from proxyv_reference import reference_logits
 from test_llava_next import PROMPTS as NEXT_PROMPTS
+from test_llava_next import grids_of
 from test_llava_next import inputs as next_inputs
 from test_modeling import PROMPTS, pixel_values_for
 from tiny_models import save_tiny_llava, tiny_llava, tiny_llava_config, tiny_llava_next, tiny_next_processor
@@ -57,12 +58,7 @@ def test_llava_next_matches_reference():
     model = learned_model(source, ProxyVLlavaNextConfig, ProxyVLlavaNextForConditionalGeneration, count=3)
     batch = next_inputs(processor, [NEXT_PROMPTS["two sizes"]])
     ids = batch["input_ids"][0]
-    starts = [int(i) for i in torch.nonzero(ids == model.config.image_token_id)[:, 0]]
-    grids, position = [], 0
-    for size in batch["image_sizes"].tolist():
-        tokens, parts = model.model.image_layout(size)
-        grids += [(starts[position] + offset, h, w, stride) for offset, h, w, stride in parts]
-        position += tokens
+    grids = grids_of(model, batch)
     with torch.no_grad():
         logits = model(**batch).logits[0]
     expected = reference_logits(model, ids, batch["pixel_values"], grids, image_sizes=batch["image_sizes"])

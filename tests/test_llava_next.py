@@ -76,9 +76,8 @@ def test_off_is_bit_exact(source, model, processor, names, side):
     assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states, strict=True))
 
 
-@pytest.mark.parametrize("name", ["one wide", "two sizes", "small"])
-def test_matches_naive_reference(model, processor, name):
-    batch = inputs(processor, [PROMPTS[name]])
+def grids_of(model, batch) -> list[tuple[int, int, int, int]]:
+    """(first row, rows, columns, stride) of every grid of the first prompt, from the model's image layouts."""
     ids = batch["input_ids"][0]
     starts = [int(i) for i in torch.nonzero(ids == model.config.image_token_id)[:, 0]]
     grids, position = [], 0
@@ -87,6 +86,14 @@ def test_matches_naive_reference(model, processor, name):
         grids += [(starts[position] + offset, h, w, stride) for offset, h, w, stride in parts]
         position += tokens
     assert position == len(starts)
+    return grids
+
+
+@pytest.mark.parametrize("name", ["one wide", "two sizes", "small"])
+def test_matches_naive_reference(model, processor, name):
+    batch = inputs(processor, [PROMPTS[name]])
+    ids = batch["input_ids"][0]
+    grids = grids_of(model, batch)
     with torch.no_grad():
         logits = model(**batch).logits[0]
     expected = reference_logits(model, ids, batch["pixel_values"], grids, image_sizes=batch["image_sizes"])

@@ -105,19 +105,33 @@ def finish_proxyv_config(config) -> None:
         raise ValueError(f"proxyv_learned_proxies must be at least 1, got {config.proxyv_learned_proxies}")
 
 
-def proxyv_config_from(cls, config, **proxyv_settings):
-    fields = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-        fields.pop(key, None)
-    return cls(**fields, **proxyv_settings)
+class ProxyVConfigMixin:
+    """The ProxyV behaviour shared by the LLaVA and LLaVA-NeXT configs (each declares the `proxyv_*` fields itself:
+    configs are dataclasses, whose fields come from dataclass bases only)."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        finish_proxyv_config(self)
+
+    @classmethod
+    def from_llava_config(cls, config, **proxyv_settings):
+        """The ProxyV configuration of a source checkpoint's configuration (same family) and the ProxyV settings."""
+        fields = config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            fields.pop(key, None)
+        return cls(**fields, **proxyv_settings)
+
+    @property
+    def proxyv_grid(self) -> int:
+        """Side of one image's (one crop's) token grid."""
+        return vision_grid(self)[0]
 
 
-class ProxyVLlavaConfig(LlavaConfig):
+class ProxyVLlavaConfig(ProxyVConfigMixin, LlavaConfig):
     __doc__ = "[`LlavaConfig`] plus the ProxyV settings.\n" + PROXYV_DOC
 
     model_type = "proxyv_llava"
 
-    # The same fields as ProxyVLlavaNextConfig (configs are dataclasses: each class declares its fields).
     proxyv_start_layer: int | None = None
     proxyv_reduce_factor: int = 4
     proxyv_enabled: bool = True
@@ -127,21 +141,8 @@ class ProxyVLlavaConfig(LlavaConfig):
     proxyv_learned_proxies: int | None = None
     proxyv_base_model: str | None = None
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        finish_proxyv_config(self)
 
-    @classmethod
-    def from_llava_config(cls, config: LlavaConfig, **proxyv_settings) -> "ProxyVLlavaConfig":
-        """The ProxyV configuration of a LLaVA checkpoint's configuration."""
-        return proxyv_config_from(cls, config, **proxyv_settings)
-
-    @property
-    def proxyv_grid(self) -> int:
-        return vision_grid(self)[0]
-
-
-class ProxyVLlavaNextConfig(LlavaNextConfig):
+class ProxyVLlavaNextConfig(ProxyVConfigMixin, LlavaNextConfig):
     __doc__ = "[`LlavaNextConfig`] plus the ProxyV settings; `proxyv_reduce_factor` applies to every crop's grid.\n" + (
         PROXYV_DOC
     )
@@ -156,20 +157,6 @@ class ProxyVLlavaNextConfig(LlavaNextConfig):
     proxyv_proxy: str = "spatial"
     proxyv_learned_proxies: int | None = None
     proxyv_base_model: str | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        finish_proxyv_config(self)
-
-    @classmethod
-    def from_llava_config(cls, config: LlavaNextConfig, **proxyv_settings) -> "ProxyVLlavaNextConfig":
-        """The ProxyV configuration of a LLaVA-NeXT checkpoint's configuration."""
-        return proxyv_config_from(cls, config, **proxyv_settings)
-
-    @property
-    def proxyv_grid(self) -> int:
-        """Side of one crop's token grid (the base image and every high-resolution crop)."""
-        return vision_grid(self)[0]
 
 
 __all__ = ["ProxyVLlavaConfig", "ProxyVLlavaNextConfig"]

@@ -107,10 +107,13 @@ class ProxyVVisionMLP(nn.Module):
         # vision: (B, V, H) full tokens; proxies: (B, P, H) their proxies after this layer; context maps per-proxy
         # features (B, P, I) to per-vision-token ones (B, V, I). The projection is per token, so it is applied to the
         # P proxies before they are spread over the V tokens.
-        ctx = context(self.proj_proxy(self.norm_proxy(proxies)))  # (B, V, I)
-        own = self.proj_vision(self.norm_vision(vision))  # (B, V, I)
-        update = self.out(F.silu(self.fuse(torch.cat([own, ctx], dim=-1))))  # (B, V, H)
-        return vision + update
+        # fuse([own, ctx]) = W_own @ own + W_ctx @ ctx + b; W_ctx is applied to the P proxies before they are spread
+        # over the V tokens (spreading is linear), and no concatenated copy is made.
+        width = self.proj_vision.out_features
+        w_own, w_ctx = self.fuse.weight[:, :width], self.fuse.weight[:, width:]
+        ctx = context(F.linear(self.proj_proxy(self.norm_proxy(proxies)), w_ctx))  # (B, V, I)
+        own = F.linear(self.proj_vision(self.norm_vision(vision)), w_own, self.fuse.bias)  # (B, V, I)
+        return vision + self.out(F.silu(own + ctx))  # (B, V, H)
 
 
 class ProxyVLearnedProxies(nn.Module):
@@ -294,6 +297,8 @@ class ProxyVPlan:
         self.out_rows = flat_rows(self.out_index, text_slots + proxies + num_vision)
         self.upsample_rows = flat_rows(upsample_index.to(**to), proxies)  # vision slot -> proxy slot, (B*V,)
         self.num_vision = num_vision
+        # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
+        self.dense = bool(text_valid.all() and proxy_valid.all()) and all(len(v) == num_vision for v in vision)
 
         self.mask = self._attention_mask(
             kind.to(**to), attention_mask, text_valid.to(**to), proxy_valid.to(**to), sliding_window
@@ -323,6 +328,16 @@ class ProxyVPlan:
         own = torch.arange(seq + self.num_proxies, device=device) == self.query_index[:, :, None]
         allowed = torch.where(query_valid[:, :, None], allowed, own)
         return allowed[:, None]  # (B, 1, Q, T + P), True = attend
+
+    def assemble(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        """The layer's output rows (B, T+P, H) from the query slots' (B, Q, H) and the vision slots' (B, V, H)."""
+        if not self.dense:  # unused slots would write over real rows: pick each row's source instead
+            return select_rows(torch.cat([queries, vision], dim=1), self.out_rows)
+        batch, _, width = queries.shape
+        out = queries.new_empty(batch * (self.seq_len + self.num_proxies), width)
+        out.index_copy_(0, self.query_rows, queries.reshape(-1, width))
+        out.index_copy_(0, self.vision_rows, vision.reshape(-1, width))
+        return out.view(batch, -1, width)
 
     def _learned_layout(self, groups, vision, proxies: int, num_vision: int, count: int, device) -> None:
         """Index tensors of learned proxies: every grid's tokens padded to the longest grid (G, N), its proxy slots,
@@ -457,7 +472,7 @@ class ProxyVDecoderLayerMixin:
         new_proxies = out_q[:, plan.num_text_slots :]  # (B, P, H)
         out_v = vision_mlp(vision, new_proxies, plan.context)
 
-        out = select_rows(torch.cat([out_q, out_v], dim=1), plan.out_rows)  # (B, T+P, H)
+        out = plan.assemble(out_q, out_v)  # (B, T+P, H)
         if layer_idx == plan.last_layer:
             out = out[:, :seq]
         return out
