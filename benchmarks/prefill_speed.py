@@ -5,9 +5,13 @@ depth) is converted in memory with a non-zero VisionMLP, then `proxyv_convert.be
 inputs, interleaved. The printed ratios (ProxyV / off) are the result; absolute times depend on the machine.
 
     python benchmarks/prefill_speed.py                       # CPU target: hidden 1024, 16 layers, start layers 4/8/12
-    # GPU targets (LLaVA-1.5-7B shape, bf16): batch 1 and 8 with one 576-token image, batch 1 with 5 crops (2,880)
+    # GPU targets (LLaVA-1.5-7B shape, bf16): batch 1 and 8 with one 576-token image ...
     python benchmarks/prefill_speed.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 11008 \
-        --layers 32 --heads 32 --start-layers 12 --cases 1x1 8x1 1x5 --no-whole-model [--compile]
+        --layers 32 --heads 32 --vision-hidden 1024 --vision-layers 24 --start-layers 12 --cases 1x1 8x1 \
+        --no-whole-model [--compile]
+    # ... and LLaVA-NeXT's 5 crops (2,928 image tokens), batch 1
+    python benchmarks/prefill_speed.py --arch llava_next --device cuda --dtype bfloat16 --hidden 4096 \
+        --intermediate 11008 --layers 32 --heads 32 --start-layers 12 --cases 1x1 --no-whole-model [--compile]
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import sys
 import time
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
 from proxyv_convert.bench import bench, format_report
-from proxyv_convert.modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration
+from proxyv_convert.modeling import FAMILIES
+
+# LLaVA-NeXT's AnyRes resolutions for 336-pixel crops: 672x672 gives 2x2 crops + the base image = 5 crops.
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-def random_model(args: argparse.Namespace, start_layer: int) -> ProxyVLlavaForConditionalGeneration:
+def random_model(args: argparse.Namespace, start_layer: int):
     vision = CLIPVisionConfig(
         hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden, num_hidden_layers=args.vision_layers,
         num_attention_heads=max(1, args.vision_hidden // 64), image_size=336, patch_size=14,
@@ -33,12 +40,19 @@ def random_model(args: argparse.Namespace, start_layer: int) -> ProxyVLlavaForCo
     text = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
                        vocab_size=args.vocab, max_position_embeddings=8192)
-    llava = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=args.vocab - 1)
-    config = ProxyVLlavaConfig.from_llava_config(llava, proxyv_start_layer=start_layer, proxyv_reduce_factor=4)
+    if args.arch == "llava_next":
+        llava = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                image_token_index=args.vocab - 1, image_grid_pinpoints=PINPOINTS)
+    else:
+        llava = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                            image_token_index=args.vocab - 1)
+    config_class, _, head = FAMILIES[args.arch]
+    config = config_class.from_llava_config(llava, proxyv_start_layer=start_layer, proxyv_reduce_factor=4,
+                                            proxyv_proxy=args.proxy)
     config._attn_implementation = args.attn
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = ProxyVLlavaForConditionalGeneration(config)
+        model = head(config)
     model = model.to(getattr(torch, args.dtype)).eval()
     with torch.no_grad():  # a trained-looking VisionMLP: its output layer is not zero
         for mlp in model.model.proxyv.vision_mlps.values():
@@ -56,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32064)
     parser.add_argument("--vision-hidden", type=int, default=256)
     parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--arch", default="llava", choices=["llava", "llava_next"],
+                        help="llava_next: every image is 5 crops (2,928 image tokens)")
+    parser.add_argument("--proxy", default="spatial", choices=["spatial", "learned"])
     parser.add_argument("--start-layers", type=int, nargs="+", default=[4, 8, 12])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--images", type=int, nargs="+", default=[1])

@@ -159,10 +159,23 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def synthetic_inputs(model, batch: int, images: int, text_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Prompts of `text_tokens` random text tokens around `images` images each (no padding)."""
+    """Prompts of `text_tokens` random text tokens around `images` images each (no padding). LLaVA-NeXT images take
+    the largest AnyRes resolution (the most crops: 4 + the base crop for the usual pinpoints)."""
     config = model.config
-    per_image = config.proxyv_grid**2
     generator = torch.Generator().manual_seed(seed)
+    size = config.vision_config.image_size
+    extra: dict[str, torch.Tensor] = {}
+    if hasattr(model.model, "image_layout"):  # LLaVA-NeXT
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        height, width = max(config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+        per_image = model.model.image_layout([height, width])[0]
+        crops = image_size_to_num_patches([height, width], config.image_grid_pinpoints, size)
+        pixel_values = torch.randn(batch * images, crops, 3, size, size, generator=generator)
+        extra["image_sizes"] = torch.tensor([[height, width]] * (batch * images))
+    else:
+        per_image = config.proxyv_grid**2 if config.proxyv_proxy == "spatial" else image_tokens_per_image(config)
+        pixel_values = torch.randn(batch * images, 3, size, size, generator=generator)
     vocab = config.text_config.vocab_size
     low = 3  # keep clear of the usual special tokens
     text = torch.randint(low, vocab, (batch, text_tokens), generator=generator)
@@ -173,9 +186,14 @@ def synthetic_inputs(model, batch: int, images: int, text_tokens: int, seed: int
         parts.append(torch.full((batch, per_image), config.image_token_id))
     parts.append(text[:, before:])
     input_ids = torch.cat(parts, dim=1)
-    size = config.vision_config.image_size
-    pixel_values = torch.randn(batch * images, 3, size, size, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
+            **extra}
+
+
+def image_tokens_per_image(config) -> int:
+    from .remote.configuration_proxyv import vision_grid
+
+    return vision_grid(config)[1]
 
 
 class Runner:
@@ -188,7 +206,8 @@ class Runner:
         device, dtype = model.device, model.dtype
         self.inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         with torch.no_grad():
-            features = self.core.get_image_features(pixel_values=self.inputs["pixel_values"]).pooler_output
+            sizes = {"image_sizes": self.inputs["image_sizes"]} if "image_sizes" in self.inputs else {}
+            features = self.core.get_image_features(pixel_values=self.inputs["pixel_values"], **sizes).pooler_output
             features = torch.cat(list(features), dim=0)
             embeds = self.core.get_input_embeddings()(self.inputs["input_ids"])
             mask = (self.inputs["input_ids"] == model.config.image_token_id)[..., None].expand_as(embeds)
@@ -198,8 +217,7 @@ class Runner:
     def lm_prefill(self, proxyv: bool):
         kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False}
         if proxyv:
-            kwargs["proxyv_plan"] = self.core._make_plan({"input_ids": self.inputs["input_ids"],
-                                                          "attention_mask": self.inputs["attention_mask"]})
+            kwargs["proxyv_plan"] = self.core._make_plan({k: v for k, v in self.inputs.items() if k != "pixel_values"})
         return self.lm(**kwargs).last_hidden_state
 
     @torch.no_grad()
@@ -271,8 +289,8 @@ def bench(
     for batch, count in cases or [(b, n) for b in batch_sizes for n in images]:
         inputs = synthetic_inputs(model, batch, count, text_tokens)
         runner = Runner(model, inputs, compiled)
-        case = BenchCase(batch=batch, images=count, image_tokens=count * model.config.proxyv_grid**2,
-                         text_tokens=text_tokens)
+        case = BenchCase(batch=batch, images=count, text_tokens=text_tokens,
+                         image_tokens=int((inputs["input_ids"][0] == model.config.image_token_id).sum()))
         if progress:
             progress(f"batch {batch}, {count} image(s): counting FLOPs")
         plain = Runner(model, inputs)  # FLOPs are counted on the eager graph

@@ -28,7 +28,8 @@ def layer_flops(config, rows: int, queries: int, proxies: int = 0, vision: int =
     if vision:
         width = config.proxyv_vision_mlp_size
         flops += 2 * vision * hidden * width + 2 * proxies * hidden * width  # the two input projections
-        flops += 2 * vision * 2 * width * width + 2 * vision * width * hidden  # fuse, out
+        # fuse: its own-token half on every full token, its context half on the proxies before they are spread
+        flops += 2 * vision * width * width + 2 * proxies * width * width + 2 * vision * width * hidden  # out
     return flops
 
 
@@ -116,3 +117,19 @@ def test_cli_refuses_a_plain_llava(tmp_path):
     result = subprocess.run([sys.executable, "-m", "proxyv_convert.cli", "bench", str(source)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "is not a ProxyV model folder" in result.stderr
+
+
+def test_llava_next_and_learned_models_are_benchmarked():
+    from test_learned_proxies import learned_model
+    from test_llava_next import converted as next_converted
+    from tiny_models import tiny_llava_next
+
+    from proxyv_convert.modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration
+
+    next_model = next_converted(tiny_llava_next(seed=4))
+    case = bench(next_model, repeats=1, warmup=0, decode_tokens=2, whole_model=False, memory=False).cases[0]
+    assert case.image_tokens == next_model.model.image_layout([64, 64])[0]  # the 2x2-crop pinpoint: 5 crops
+    assert 0 < case.flops_ratio < 1 and min(case.lm_prefill_ms.values()) > 0
+    learned = learned_model(tiny_llava(seed=1), ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration)
+    case = bench(learned, repeats=1, warmup=0, whole_model=False, memory=False).cases[0]
+    assert 0 < case.flops_ratio < 1
