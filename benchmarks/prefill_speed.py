@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=32, help="Greedy decode steps timed per side.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         model = random_model(args, start_layer)
         cases = tuple(tuple(int(n) for n in case.split("x")) for case in args.cases) if args.cases else None
         report = bench(model, batch_sizes=tuple(args.batch_sizes), images=tuple(args.images), cases=cases,
-                       text_tokens=args.text_tokens, repeats=args.repeats, warmup=args.warmup, compile=args.compile,
+                       text_tokens=args.text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
+                       warmup=args.warmup, compile=args.compile,
                        compile_mode=args.compile_mode, whole_model=not args.no_whole_model)
         print(format_report(report), flush=True)
         print(f"({time.perf_counter() - started:.0f} s)\n", flush=True)

@@ -7,6 +7,7 @@ holds a placeholder.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.metadata
 import json
@@ -23,6 +24,9 @@ from .modeling import is_proxyv_folder
 from .recipe import RECIPE_FILE, dump_recipe, read_recipe
 from .safetensors_stream import read_checkpoint
 from .source import LICENSE_KEYS
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
+                      "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2"}
 
 CARD_FILE = "README.md"
 DISTILL_REPORT = "distill_report.json"
@@ -204,7 +208,10 @@ def _model_table(folder: Path, config: dict[str, Any], sections: dict[str, Any])
     tensors = read_checkpoint(folder)
     added = sum(info.numel for name, info in tensors.items() if name.startswith(PROXYV_PREFIX))
     total = sum(info.numel for info in tensors.values())
-    dtype = sections.get("model", {}).get("dtype") or config.get("dtype")
+    counts = collections.Counter()
+    for info in tensors.values():
+        counts[info.dtype] += info.numel
+    dtype = ", ".join(SAFETENSORS_DTYPES.get(name, name) for name, _ in counts.most_common())  # by share of weights
     anyres = config.get("model_type") == "proxyv_llava_next"
     if config.get("proxyv_proxy") == "learned":
         proxies = (f"{config['proxyv_learned_proxies']} per image grid, made by learned queries that attend over "

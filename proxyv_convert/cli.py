@@ -39,6 +39,17 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def quiet_libraries() -> None:
+    """--quiet also silences the libraries' own progress bars (weight loading, dataset preparation, transfers)."""
+    import datasets
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 RecipeOption = Annotated[
     str | None,
     typer.Option("--recipe", help="Recipe file (or shipped recipe name): options not given here come from it.",
@@ -126,6 +137,8 @@ def convert(
 ) -> None:
     """Insert ProxyV modules into a LLaVA checkpoint and write a ProxyV checkpoint (weights streamed, not loaded)."""
     with user_errors():
+        if quiet:
+            quiet_libraries()
         from .convert import convert as convert_checkpoint
 
         v = from_recipe(ctx, recipe, locals(), {
@@ -161,7 +174,7 @@ def distill(
                                                   "folder or a Hub dataset name.", show_default=False)] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
     batch_size: Annotated[int, typer.Option(help="Examples per process and micro-batch.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine to 10%).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine to 10%).")] = 3e-3,
     max_length: Annotated[
         int, typer.Option(help="Longest sequence in tokens (the text after the image is cut).")
     ] = 2048,
@@ -175,7 +188,7 @@ def distill(
     ] = "relative",
     vision_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term on vision tokens.")] = 1.0,
     text_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term on text tokens.")] = 1.0,
-    kl_weight: Annotated[float, typer.Option(help="Weight of the KL term on the next-token distributions.")] = 0.0,
+    kl_weight: Annotated[float, typer.Option(help="Weight of the KL term on the next-token distributions.")] = 1.0,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 10,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this value.")] = 1.0,
@@ -197,6 +210,8 @@ def distill(
 ) -> None:
     """Train the ProxyV modules to match the same model with ProxyV off; only the ProxyV tensors change."""
     with user_errors():
+        if quiet:
+            quiet_libraries()
         import dataclasses
 
         from .data import Columns
@@ -253,6 +268,8 @@ def push(
     """Check the model (files, code, weights, a load and forward pass without proxyv), then upload it to the Hub
     with a generated model card. A README.md in the folder is replaced by the generated card."""
     with user_errors():
+        if quiet:
+            quiet_libraries()
         from .push import push as push_model
 
         v = from_recipe(ctx, recipe, locals(), {"model": "output", "repo_id": "push.repo_id", "private":
@@ -329,6 +346,8 @@ def eval_command(
 ) -> None:
     """Exact-match accuracy with greedy decoding, and answer agreement with a second model."""
     with user_errors():
+        if quiet:
+            quiet_libraries()
         from .evaluate import evaluate
 
         v = from_recipe(ctx, recipe, locals(), {
@@ -409,6 +428,8 @@ def run(
 ) -> None:
     """Run a recipe: convert, distill, eval, bench and push (when a repo id is set); a rerun continues."""
     with user_errors():
+        if quiet:
+            quiet_libraries()
         from .run import run as run_recipe
 
         result = run_recipe(

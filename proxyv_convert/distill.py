@@ -42,7 +42,7 @@ HIDDEN_LOSSES = ("relative", "mse", "cosine")
 class DistillSettings:
     steps: int = 300
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
@@ -50,7 +50,7 @@ class DistillSettings:
     hidden_loss: str = "relative"
     vision_weight: float = 1.0
     text_weight: float = 1.0
-    kl_weight: float = 0.0
+    kl_weight: float = 1.0
     checkpoint_every: int = 50
     gradient_accumulation: int = 1
     gradient_checkpointing: bool = False
@@ -101,13 +101,15 @@ def distill_command(model: str, data: str, settings: DistillSettings, *, out: st
     return shlex.join(args)
 
 
-def recipe_with_distill(folder: Path, data: str, settings: DistillSettings, command: str, columns: Columns) -> str:
-    """The folder's recipe text with this run's `distill` section and command added."""
+def recipe_with_distill(
+    folder: Path, data: str, settings: DistillSettings, command: str | None, columns: Columns
+) -> str:
+    """The folder's recipe text with this run's `distill` section and command (when given) added."""
     sections, commands = read_recipe(folder)
     section = {"data": data, **asdict(settings)}
     if columns != Columns():
         section["columns"] = asdict(columns)
-    return dump_recipe({**sections, "distill": section}, [*commands, command])
+    return dump_recipe({**sections, "distill": section}, [*commands, *([command] if command else [])])
 
 
 # --- the objective -------------------------------------------------------------------------------------------------
@@ -378,9 +380,12 @@ def distill(
     columns: Columns = Columns(),
     revision: str | None = None,
     progress: bool = True,
+    record_command: bool = True,
 ) -> DistillResult:
     """Distill the ProxyV parameters of the model in `model_dir` against the same weights with ProxyV off, and write
-    them to `model_dir` (or to a copy at `out`), replacing only the ProxyV tensors."""
+    them to `model_dir` (or to a copy at `out`), replacing only the ProxyV tensors. The folder's recipe gets this
+    run's `distill` section and, with `record_command`, the equivalent `proxyv distill` command in its header (a
+    pipeline that records its own command turns that off)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from transformers import AutoProcessor
@@ -504,7 +509,7 @@ def distill(
     if accelerator.is_main_process:
         params = {f"model.proxyv.{n}": p.detach() for n, p in unwrap(model).model.proxyv.named_parameters()}
         command = distill_command(str(model_dir), str(data), settings, out=None if out is None else str(out),
-                                  columns=columns)
+                                  columns=columns) if record_command else None
         files = {REPORT: json.dumps(report, indent=1)}
         if (model_dir / RECIPE_FILE).is_file():
             files[RECIPE_FILE] = recipe_with_distill(model_dir, str(data), settings, command, columns)

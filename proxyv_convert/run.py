@@ -153,7 +153,7 @@ def _distill(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dic
     columns = Columns(**section.columns.model_dump()) if section.columns else Columns()
     result = distill(
         output, section.data, settings=section.settings(), resume=(output / CHECKPOINT_DIR).exists(),
-        columns=columns, revision=section.data_revision, progress=progress,
+        columns=columns, revision=section.data_revision, progress=progress, record_command=False,
     )
     after = result.report.get("after", {})
     numbers = {"distill_seconds": round(result.seconds, 1), "hidden_cosine_vision": after.get("cosine_vision")}

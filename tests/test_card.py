@@ -26,7 +26,7 @@ PLACEHOLDERS = re.compile(r"<[A-Za-z][^>]*>|TODO|TBD|More Information Needed|\[M
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 DISTILL_REPORT = {
-    "model": "./tiny-proxyv", "data": "shapes", "settings": {"steps": 40, "batch_size": 8, "lr": 0.003, "seed": 0,
+    "model": "./tiny-proxyv", "data": "shapes", "settings": {"steps": 40, "batch_size": 8, "lr": 0.01, "seed": 0,
                                                              "kl_weight": 0.5, "gradient_checkpointing": True},
     "steps": 40, "wall_seconds": 12.7, "steps_per_second": 3.15, "device": "cpu",
     "loss_curve": [{"step": 1, "loss": 0.5123}, {"step": 40, "loss": 0.0312}],
@@ -116,6 +116,7 @@ def test_card_without_reports_has_no_report_sections_and_no_placeholders(folder)
     assert f"Needs `transformers{transformers_requirement()}`" in card and transformers_requirement().startswith(">=")
     assert f'model_id = "{folder.resolve()}"' in card and "revision" not in card.split("```python")[1].split("```")[0]
     assert "| Parameters | 233,856 (16,704 added by ProxyV) |" in card
+    assert "| Weights dtype | float32 |" in card  # read from the weights, not the recipe's "auto"
     recipe = card.split("```yaml\n")[1].split("```")[0]
     assert yaml.safe_load(recipe) == read_recipe(folder)[0]  # the resolved recipe, verbatim
     assert recipe.startswith("# proxyv convert ")
@@ -140,7 +141,7 @@ def test_card_shows_the_distillation_report(folder):
         "| Answers identical to the original model's | 31.2% | 93.8% |",
     ):
         assert row in quality, row
-    command = "proxyv distill ./tiny-proxyv --data shapes --steps 40 --lr 0.003 --kl-weight 0.5 "
+    command = "proxyv distill ./tiny-proxyv --data shapes --steps 40 --lr 0.01 --kl-weight 0.5 "
     command += "--gradient-checkpointing"
     assert command in card.split("## How this model was made")[1]
     assert "The resolved recipe (`recipe.yaml` with the distillation settings of `distill_report.json`;" in card

@@ -201,3 +201,16 @@ def test_installed_script_version_without_torch():
     assert result.stdout == f"proxyv {__version__}\n"
     probe = "import sys, proxyv_convert.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout == "False\n"
+
+
+def test_distill_option_defaults_are_the_library_defaults():
+    import dataclasses
+
+    import typer
+
+    from proxyv_convert.distill import DistillSettings
+
+    command = typer.main.get_command(app).commands["distill"]
+    defaults = {param.name: param.default for param in command.params}
+    for field in dataclasses.fields(DistillSettings):
+        assert defaults[field.name] == getattr(DistillSettings(), field.name), field.name

@@ -173,6 +173,7 @@ def test_killed_run_resumes(base, tmp_path):
     resumed = subprocess.run([*command, str(killed), "--data", str(data), *args, "--resume"],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "%|" not in resumed.stderr, "--quiet also silences the libraries' progress bars (weight loading)"
     subprocess.run([*command, str(straight), "--data", str(data), *args], check=True, capture_output=True,
                    timeout=300)
     assert proxyv_tensors(killed) == proxyv_tensors(straight)

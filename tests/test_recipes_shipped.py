@@ -7,7 +7,7 @@ from proxyv_convert.recipes import load_recipe, shipped_recipes
 
 def test_every_shipped_recipe_validates():
     shipped = shipped_recipes()
-    assert {"llava-shapes", "llava-1.5-7b", "llava-1.5-13b"} <= set(shipped)
+    assert {"llava-shapes", "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b"} <= set(shipped)
     for name, path in shipped.items():
         recipe, _ = load_recipe(name)
         assert recipe.stages()[:2] == ["convert", "distill"], name

@@ -105,7 +105,7 @@ def test_run_all_stages_then_rerun_skips_them(tmp_path, tiny):
     assert "answer_agreement" in result.stdout and "prefill_speedup" in result.stdout
     assert "Next: proxyv push" in result.stdout
     sections, commands = read_recipe(model)
-    assert commands[0] == f"proxyv run {path} distill.steps=3"
+    assert commands == [f"proxyv run {path} distill.steps=3"]  # its stages add no commands of their own
     assert sections["distill"]["steps"] == 3 and sections["eval"]["split"] == "validation"
     assert sections["proxyv"]["start_layer"] == 2 and "provenance" in sections
     load_recipe(model / "recipe.yaml")  # the resolved recipe is itself a valid recipe

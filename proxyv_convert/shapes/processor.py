@@ -67,7 +67,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_processor() -> LlavaProcessor:
-    """The shapes LLaVA's processor: 64x64 images, 4-pixel patches (a 16x16 token grid), the chat template."""
+    """The shapes LLaVA's processor: 64x64 images, 8-pixel patches (an 8x8 token grid), the chat template."""
     image_processor = CLIPImageProcessorPil(  # the PIL backend: torchvision is not needed
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )

@@ -38,7 +38,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from .processor import IMAGE, PATCH_SIZE, build_processor, prompt_messages
 from .task import COLOURS, GRID, IMAGE_SIZE, KINDS, SHAPES, ShapeObject, generate, referents, render
 
-TOKEN_GRID = IMAGE_SIZE // PATCH_SIZE  # 16x16 image tokens
+TOKEN_GRID = IMAGE_SIZE // PATCH_SIZE  # 8x8 image tokens
 CELL_TOKENS = TOKEN_GRID // GRID  # tokens per cell side
 OBJECT_KINDS = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # probe classes; "empty" is the last
 
