@@ -27,9 +27,12 @@ app = typer.Typer(
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """ProxyVError -> `error: <message>` on stderr and its exit code; Ctrl-C -> exit code 130."""
+def user_errors(quiet: bool = False) -> Iterator[None]:
+    """ProxyVError -> `error: <message>` on stderr and its exit code; Ctrl-C -> exit code 130. `quiet` also silences
+    the libraries' own progress bars."""
     try:
+        if quiet:
+            quiet_libraries()
         yield
     except ProxyVError as e:
         typer.echo(f"error: {e}", err=True)
@@ -136,9 +139,7 @@ def convert(
     recipe: RecipeOption = None,
 ) -> None:
     """Insert ProxyV modules into a LLaVA checkpoint and write a ProxyV checkpoint (weights streamed, not loaded)."""
-    with user_errors():
-        if quiet:
-            quiet_libraries()
+    with user_errors(quiet):
         from .convert import convert as convert_checkpoint
 
         v = from_recipe(ctx, recipe, locals(), {
@@ -209,9 +210,7 @@ def distill(
     recipe: RecipeOption = None,
 ) -> None:
     """Train the ProxyV modules to match the same model with ProxyV off; only the ProxyV tensors change."""
-    with user_errors():
-        if quiet:
-            quiet_libraries()
+    with user_errors(quiet):
         import dataclasses
 
         from .data import Columns
@@ -267,9 +266,7 @@ def push(
 ) -> None:
     """Check the model (files, code, weights, a load and forward pass without proxyv), then upload it to the Hub
     with a generated model card. A README.md in the folder is replaced by the generated card."""
-    with user_errors():
-        if quiet:
-            quiet_libraries()
+    with user_errors(quiet):
         from .push import push as push_model
 
         v = from_recipe(ctx, recipe, locals(), {"model": "output", "repo_id": "push.repo_id", "private":
@@ -345,9 +342,7 @@ def eval_command(
     recipe: RecipeOption = None,
 ) -> None:
     """Exact-match accuracy with greedy decoding, and answer agreement with a second model."""
-    with user_errors():
-        if quiet:
-            quiet_libraries()
+    with user_errors(quiet):
         from .evaluate import evaluate
 
         v = from_recipe(ctx, recipe, locals(), {
@@ -427,9 +422,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or stage messages.")] = False,
 ) -> None:
     """Run a recipe: convert, distill, eval, bench and push (when a repo id is set); a rerun continues."""
-    with user_errors():
-        if quiet:
-            quiet_libraries()
+    with user_errors(quiet):
         from .run import run as run_recipe
 
         result = run_recipe(

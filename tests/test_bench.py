@@ -133,3 +133,26 @@ def test_llava_next_and_learned_models_are_benchmarked():
     learned = learned_model(tiny_llava(seed=1), ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration)
     case = bench(learned, repeats=1, warmup=0, whole_model=False, memory=False).cases[0]
     assert 0 < case.flops_ratio < 1
+
+
+def test_the_proxyv_language_model_traces_as_one_graph():
+    """torch.compile / CUDA graphs need the ProxyV layers free of graph breaks (the plan is built before them)."""
+    import torch._dynamo
+
+    model = convert_in_memory(tiny_llava(), randomize=True)
+    from proxyv_convert.bench import Runner
+
+    runner = Runner(model, synthetic_inputs(model, batch=2, images=1, text_tokens=12))
+    plan = model.model._make_plan({k: v for k, v in runner.inputs.items() if k != "pixel_values"})
+    lm = model.model.language_model
+
+    def prefill(embeds, mask):
+        return lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, proxyv_plan=plan).last_hidden_state
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(prefill)(runner.embeds, runner.inputs["attention_mask"])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    with torch.no_grad():
+        compiled = torch.compile(prefill, backend="eager", fullgraph=True)(runner.embeds, runner.inputs["attention_mask"])
+        torch.testing.assert_close(compiled, prefill(runner.embeds, runner.inputs["attention_mask"]))
