@@ -13,15 +13,6 @@ from proxyv_convert.shapes import MODEL_DIR, build_split
 N = 30  # 10 examples of each kind
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _shapes_cache(tmp_path_factory):
-    """The built-in task's splits are cached under a temporary folder, not the user's ~/.cache."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("PROXYV_CACHE", str(tmp_path_factory.mktemp("proxyv-cache")))
-    yield
-    patch.undo()
-
-
 @pytest.fixture(scope="module")
 def teacher():
     torch.set_num_threads(2)

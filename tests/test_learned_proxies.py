@@ -6,7 +6,7 @@ import pytest
 import torch
 from proxyv_reference import reference_logits
 from test_llava_next import PROMPTS as NEXT_PROMPTS
-from test_llava_next import grids_of
+from test_llava_next import assert_matches_reference
 from test_llava_next import inputs as next_inputs
 from test_modeling import PROMPTS, pixel_values_for
 from tiny_models import save_tiny_llava, tiny_llava, tiny_llava_config, tiny_llava_next, tiny_next_processor
@@ -56,13 +56,7 @@ def test_llava_next_matches_reference():
     source = tiny_llava_next(seed=4)
     processor = tiny_next_processor(source.config)
     model = learned_model(source, ProxyVLlavaNextConfig, ProxyVLlavaNextForConditionalGeneration, count=3)
-    batch = next_inputs(processor, [NEXT_PROMPTS["two sizes"]])
-    ids = batch["input_ids"][0]
-    grids = grids_of(model, batch)
-    with torch.no_grad():
-        logits = model(**batch).logits[0]
-    expected = reference_logits(model, ids, batch["pixel_values"], grids, image_sizes=batch["image_sizes"])
-    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+    assert_matches_reference(model, next_inputs(processor, [NEXT_PROMPTS["two sizes"]]))
 
 
 def test_any_number_of_tokens_per_image():

@@ -89,15 +89,19 @@ def grids_of(model, batch) -> list[tuple[int, int, int, int]]:
     return grids
 
 
-@pytest.mark.parametrize("name", ["one wide", "two sizes", "small"])
-def test_matches_naive_reference(model, processor, name):
-    batch = inputs(processor, [PROMPTS[name]])
-    ids = batch["input_ids"][0]
+def assert_matches_reference(model, batch) -> None:
+    """The model's logits for a one-prompt batch equal the naive reference's."""
     grids = grids_of(model, batch)
     with torch.no_grad():
         logits = model(**batch).logits[0]
-    expected = reference_logits(model, ids, batch["pixel_values"], grids, image_sizes=batch["image_sizes"])
+    expected = reference_logits(model, batch["input_ids"][0], batch["pixel_values"], grids,
+                                image_sizes=batch["image_sizes"])
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["one wide", "two sizes", "small"])
+def test_matches_naive_reference(model, processor, name):
+    assert_matches_reference(model, inputs(processor, [PROMPTS[name]]))
 
 
 def test_grids_follow_the_unpadded_layout(model):

@@ -27,15 +27,6 @@ from proxyv_convert.shapes.task import (
 SUBSET = 150  # shipped-model checks: the first 150 test examples (50 of each kind)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _shapes_cache(tmp_path_factory):
-    """The built-in task's splits are cached under a temporary folder, not the user's ~/.cache."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("PROXYV_CACHE", str(tmp_path_factory.mktemp("proxyv-cache")))
-    yield
-    patch.undo()
-
-
 def image_hashes(dataset: datasets.Dataset) -> list[str]:
     column = dataset.cast_column("image", datasets.Image(decode=False))["image"]
     return [hashlib.sha256(image["bytes"]).hexdigest() for image in column]

@@ -81,8 +81,11 @@ def tiny_llava_config(
 
 def tiny_llava(seed: int = 0, **kwargs) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(**kwargs)).eval()
-    # Default init gives near-uniform logits; larger weights make the tests sensitive to real differences.
+    return _sharpened(LlavaForConditionalGeneration(tiny_llava_config(**kwargs)).eval())
+
+
+def _sharpened(model):
+    """Default init gives near-uniform logits; larger weights make the tests sensitive to real differences."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 2 and "embed" not in name:
@@ -161,12 +164,7 @@ def tiny_llava_next_config(text: str = "llama", *, layers: int = 4, hidden: int 
 
 def tiny_llava_next(seed: int = 0, **kwargs) -> LlavaNextForConditionalGeneration:
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(tiny_llava_next_config(**kwargs)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2 and "embed" not in name:
-                param.normal_(0.0, 0.5 / param.shape[1] ** 0.5)
-    return model
+    return _sharpened(LlavaNextForConditionalGeneration(tiny_llava_next_config(**kwargs)).eval())
 
 
 def tiny_next_processor(config: LlavaNextConfig) -> LlavaNextProcessor:

@@ -238,10 +238,12 @@ class ProxyVPlan:
                 cell_j = torch.arange(grid.width) * pw // grid.width
                 ups.append((offset + cell_i * pw + cell_j).reshape(-1))
                 srcs.append(grid.start + torch.arange(ph * pw))
-                sources_group, slots_group = shape_groups.setdefault((grid.height, grid.width), ([], []))
-                sources_group.append(b * seq + rows[-1])
-                slots_group.append((b, offset))
-                learned_groups.append((b * seq + rows[-1], (b, offset)))
+                if learned is None:
+                    sources_group, slots_group = shape_groups.setdefault((grid.height, grid.width), ([], []))
+                    sources_group.append(b * seq + rows[-1])
+                    slots_group.append((b, offset))
+                else:
+                    learned_groups.append((b * seq + rows[-1], (b, offset)))
                 offset += ph * pw
             row_index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
             kind = torch.where(is_image[b], NEWLINE, TEXT)
@@ -498,6 +500,10 @@ class ProxyVInitMixin:
             super()._init_weights(module)
 
 
+# Signature of the backbone's own forward, per ProxyV model class (see ProxyVModelMixin.forward).
+_FORWARD_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
 class ProxyVModelMixin:
     """The ProxyV parts of a LLaVA-family base model: the ProxyV layers, the `proxyv` modules, the plan of a forward
     and the ProxyV-off switch. Subclasses say where each prompt's image grids are (`_image_grids`)."""
@@ -567,7 +573,10 @@ class ProxyVModelMixin:
     def forward(self, *args, **kwargs):
         if not self.proxyv_active:
             return super().forward(*args, **kwargs)
-        arguments = inspect.signature(super().forward).bind(*args, **kwargs).arguments
+        signature = _FORWARD_SIGNATURES.get(type(self))
+        if signature is None:  # once per class, not on every decode step
+            signature = _FORWARD_SIGNATURES[type(self)] = inspect.signature(super().forward)
+        arguments = signature.bind(*args, **kwargs).arguments
         arguments.update(arguments.pop("kwargs", {}))
         plan = self._make_plan(arguments)
         if plan is None:
