@@ -133,6 +133,13 @@ def kl_positions(batch: Batch) -> torch.Tensor:
     return mask & after_image & ~batch.image_mask
 
 
+def kl_logits(model, student, teacher, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 next-token logits of the student and the teacher at the `kl_positions` of the batch, (N, vocab)."""
+    positions = kl_positions(batch)
+    head = model.get_output_embeddings()
+    return head(student.hidden_states[-1][positions]).float(), head(teacher.hidden_states[-1][positions]).float()
+
+
 def distill_losses(model, student, teacher, batch: Batch, settings: DistillSettings) -> dict[str, torch.Tensor]:
     start = model.config.proxyv_start_layer
     real = batch.inputs["attention_mask"].bool()
@@ -147,10 +154,7 @@ def distill_losses(model, student, teacher, batch: Batch, settings: DistillSetti
                 ).mean()
     losses = {name: value / len(layers) for name, value in terms.items()}
     if settings.kl_weight > 0:
-        positions = kl_positions(batch)
-        head = model.get_output_embeddings()
-        student_logits = head(student.hidden_states[-1][positions]).float()
-        teacher_logits = head(teacher.hidden_states[-1][positions]).float()
+        student_logits, teacher_logits = kl_logits(model, student, teacher, batch)
         losses["kl"] = F.kl_div(
             F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
             reduction="batchmean",
@@ -258,10 +262,7 @@ def agreement(model, batcher: Batcher, indices: list[int], batch_size: int, acce
             cos = [F.cosine_similarity(s[mask].float(), t[mask].float(), dim=-1)
                    for s, t in zip(student.hidden_states[start + 1 :], teacher.hidden_states[start + 1 :], strict=True)]
             add(f"cosine_{name}", torch.stack(cos, dim=1))  # (N, layers)
-        positions = kl_positions(batch)
-        head = core.get_output_embeddings()
-        s_logits = head(student.hidden_states[-1][positions]).float()
-        t_logits = head(teacher.hidden_states[-1][positions]).float()
+        s_logits, t_logits = kl_logits(core, student, teacher, batch)
         kl = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="none")
         add("kl", kl.sum(-1)[:, None])
         add("top1", (s_logits.argmax(-1) == t_logits.argmax(-1))[:, None])
