@@ -1,19 +1,47 @@
 #!/usr/bin/env bash
-# The GPU prefill targets in one run: LLaVA-1.5-7B-shaped random bf16 model, start layer 12, language-model prefill
-# of ProxyV against the same weights with ProxyV off (transformers' SDPA path), in eager mode and under
-# torch.compile(mode="reduce-overhead") (CUDA graphs) for both sides.
-#   batch 1 and batch 8 with one 576-token image; LLaVA-NeXT batch 1 with one 5-crop image (2,928 image tokens).
-# Usage: bash benchmarks/gpu_prefill.sh [OUTPUT_DIR]    (writes the JSON reports there; default: current folder)
-set -euo pipefail
+# The GPU prefill targets in one run (about 5.5 minutes on an H100, most of it torch.compile):
+#   1. llava:      LLaVA-1.5-7B shape (hidden 4096, 32 layers, 11008 FFN), random bf16 weights, ProxyV from layer 12,
+#                  one 576-token image, batch 1 and 8; eager, CUDA-graph and torch.compile(mode="reduce-overhead")
+#                  modes; whole-model prefill and decode per token (eager).
+#   2. llava-next: the same language model, LLaVA-NeXT with one 5-crop image (2,928 image tokens), batch 1, the same
+#                  modes.
+# Every side is timed against the same weights with ProxyV off (transformers' SDPA model) in the same mode.
+# The CUDA correctness tests are separate: python -m pytest -q tests/test_cuda.py (about a minute).
+# Usage: bash benchmarks/gpu_prefill.sh [OUTPUT_DIR]   (logs and JSON reports go there; default: ./gpu-prefill)
+# Each stage has its own time limit and a failing stage does not stop the next; the exit status says if any failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-.}"
+out="${1:-gpu-prefill}"
 mkdir -p "$out"
+python="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+failed=()
+
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit} s)"
+    local began=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - began)) s"
+    [[ $rc -eq 0 ]] || failed+=("$name")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$out/device.log"
+"$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    2>&1 | tee -a "$out/device.log"
+
 shape=(--device cuda --dtype bfloat16 --hidden 4096 --intermediate 11008 --layers 32 --heads 32
-       --vision-hidden 1024 --vision-layers 2 --start-layers 12 --no-whole-model --repeats 10 --warmup 3)
-for mode in eager compile; do
-    flag=()
-    [[ "$mode" == compile ]] && flag=(--compile)
-    python benchmarks/prefill_speed.py "${shape[@]}" --cases 1x1 8x1 "${flag[@]}" --json "$out/llava-$mode.json"
-    python benchmarks/prefill_speed.py "${shape[@]}" --arch llava_next --cases 1x1 "${flag[@]}" \
-        --json "$out/llava-next-$mode.json"
-done
+       --vision-hidden 1024 --vision-layers 2 --start-layers 12 --repeats 20 --warmup 5 --decode-tokens 32)
+stage llava 240 "$python" benchmarks/prefill_speed.py "${shape[@]}" --cases 1x1 8x1 --modes eager cuda-graph compile \
+    --json "$out/llava.json"
+stage llava-next 150 "$python" benchmarks/prefill_speed.py "${shape[@]}" --arch llava_next --cases 1x1 \
+    --modes eager cuda-graph compile --json "$out/llava-next.json"
+
+echo "== summary (ProxyV / off; speedup = 1 / time ratio)"
+grep -h "^  L" "$out"/llava.log "$out"/llava-next.log 2>/dev/null
+if ((${#failed[@]})); then
+    echo "failed stages: ${failed[*]}"
+    exit 1
+fi

@@ -7,11 +7,11 @@ inputs, interleaved. The printed ratios (ProxyV / off) are the result; absolute 
     python benchmarks/prefill_speed.py                       # CPU target: hidden 1024, 16 layers, start layers 4/8/12
     # GPU targets (LLaVA-1.5-7B shape, bf16): batch 1 and 8 with one 576-token image ...
     python benchmarks/prefill_speed.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 11008 \
-        --layers 32 --heads 32 --vision-hidden 1024 --vision-layers 24 --start-layers 12 --cases 1x1 8x1 \
-        --no-whole-model [--compile]
+        --layers 32 --heads 32 --vision-hidden 1024 --start-layers 12 --cases 1x1 8x1 --modes eager cuda-graph
     # ... and LLaVA-NeXT's 5 crops (2,928 image tokens), batch 1
     python benchmarks/prefill_speed.py --arch llava_next --device cuda --dtype bfloat16 --hidden 4096 \
-        --intermediate 11008 --layers 32 --heads 32 --start-layers 12 --cases 1x1 --no-whole-model [--compile]
+        --intermediate 11008 --layers 32 --heads 32 --start-layers 12 --cases 1x1 --modes eager cuda-graph
+    (benchmarks/gpu_prefill.sh runs all of them, compile mode included.)
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def random_model(args: argparse.Namespace, start_layer: int):
     return model
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of the random model (also used by profile_ops.py)."""
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--layers", type=int, default=16)
@@ -73,6 +73,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", default="llava", choices=["llava", "llava_next"],
                         help="llava_next: every image is 5 crops (2,928 image tokens)")
     parser.add_argument("--proxy", default="spatial", choices=["spatial", "learned"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = model_options(argparse.ArgumentParser(description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--start-layers", type=int, nargs="+", default=[4, 8, 12])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--images", type=int, nargs="+", default=[1])
@@ -80,40 +89,64 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=32, help="Greedy decode steps timed per side.")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--cases", nargs="+", help="BATCHxIMAGES cases, e.g. 1x1 8x1 1x5 (instead of the product).")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "cuda-graph", "compile"],
+                        help="Execution modes, each timed on the same model (both sides always in the same mode).")
+    parser.add_argument("--compile", action="store_true", help="Same as --modes compile.")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA).")
     parser.add_argument("--no-whole-model", action="store_true", help="Time only the language model.")
     parser.add_argument("--json", help="Also write the reports to this file.")
     args = parser.parse_args(argv)
+    if args.compile:
+        args.modes = ["compile"]
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, command: {' '.join(sys.argv)}",
           flush=True)
     reports = []
+    cases = [tuple(int(n) for n in case.split("x")) for case in args.cases] if args.cases else None
+    failures = 0
     for start_layer in args.start_layers:
         started = time.perf_counter()
         model = random_model(args, start_layer)
-        cases = tuple(tuple(int(n) for n in case.split("x")) for case in args.cases) if args.cases else None
-        report = bench(model, batch_sizes=tuple(args.batch_sizes), images=tuple(args.images), cases=cases,
-                       text_tokens=args.text_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
-                       warmup=args.warmup, compile=args.compile,
-                       compile_mode=args.compile_mode, whole_model=not args.no_whole_model)
-        print(format_report(report), flush=True)
-        print(f"({time.perf_counter() - started:.0f} s)\n", flush=True)
-        reports.append(report)
+        print(f"model built in {time.perf_counter() - started:.0f} s", flush=True)
+        for mode in args.modes:
+            started = time.perf_counter()
+            report = None
+            # One case at a time, printed as it ends, so a run cut short keeps what it measured.
+            for case in cases or [(b, n) for b in args.batch_sizes for n in args.images]:
+                try:
+                    one = bench(model, cases=(case,), text_tokens=args.text_tokens, decode_tokens=args.decode_tokens,
+                                repeats=args.repeats, warmup=args.warmup, compile=mode == "compile",
+                                cuda_graph=mode == "cuda-graph", compile_mode=args.compile_mode,
+                                # the whole model and decoding run eager in every mode: timed once, in eager
+                                whole_model=not args.no_whole_model and mode == "eager")
+                except Exception as error:  # a failing mode or case must not lose the others' numbers
+                    print(f"L{start_layer} {mode} {case}: FAILED: {type(error).__name__}: {error}", flush=True)
+                    failures += 1
+                    continue
+                print(format_report(one), flush=True)
+                if report is None:
+                    report = one
+                    reports.append(report)
+                else:
+                    report.cases += one.cases
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump([json.loads(r.to_json()) for r in reports], f, indent=1)
+            print(f"({mode}: {time.perf_counter() - started:.0f} s)\n", flush=True)
         del model
-    print("summary: start layer -> FLOPs ratio, LM prefill time ratio, time ratio / FLOPs ratio, decode ratio")
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print("summary: start layer, mode, case -> FLOPs ratio, LM prefill time ratio (speedup), time ratio / FLOPs "
+          "ratio, decode ratio")
     for report in reports:
         for c in report.cases:
-            print(f"  L{report.start_layer:<3} batch {c.batch} images {c.images}: FLOPs {c.flops_ratio:.3f}  "
-                  f"time {c.lm_prefill_ratio:.3f}  time/FLOPs {c.lm_prefill_ratio / c.flops_ratio:.3f}  "
+            print(f"  L{report.start_layer:<3} {report.mode:<26} batch {c.batch} images {c.images} "
+                  f"({c.image_tokens} image tokens): FLOPs {c.flops_ratio:.3f}  time {c.lm_prefill_ratio:.3f} "
+                  f"({1 / c.lm_prefill_ratio:.2f}x)  time/FLOPs {c.lm_prefill_ratio / c.flops_ratio:.3f}  "
                   f"decode {c.decode_ratio or float('nan'):.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([json.loads(r.to_json()) for r in reports], f, indent=1)
+    if failures:
+        sys.exit(f"{failures} case(s) failed (see above)")
 
 
 if __name__ == "__main__":

@@ -197,6 +197,14 @@ def image_tokens_per_image(config) -> int:
     return vision_grid(config)[1]
 
 
+def plan_tensors(plan) -> list[torch.Tensor]:
+    """The index and mask tensors of a ProxyV plan, in a fixed order (not the ones a forward computes and caches)."""
+    from torch.utils._pytree import tree_leaves
+
+    fields = {k: v for k, v in vars(plan).items() if not k.startswith("_") and k not in ("modules", "learned_back")}
+    return [leaf for leaf in tree_leaves(fields) if isinstance(leaf, torch.Tensor)]
+
+
 class Runner:
     """The timed functions of one case, on one model, with ProxyV on and off."""
 
@@ -222,12 +230,44 @@ class Runner:
         runner.lm = self.core.language_model
         return runner
 
+    def plan(self):
+        return self.core._make_plan({k: v for k, v in self.inputs.items() if k != "pixel_values"})
+
     @torch.no_grad()
     def lm_prefill(self, proxyv: bool):
         kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False}
         if proxyv:
-            kwargs["proxyv_plan"] = self.core._make_plan({k: v for k, v in self.inputs.items() if k != "pixel_values"})
+            kwargs["proxyv_plan"] = self.plan()
         return self.lm(**kwargs).last_hidden_state
+
+    @torch.no_grad()
+    def cuda_graph_prefill(self, proxyv: bool) -> Callable[[], torch.Tensor]:
+        """The language-model prefill captured in a CUDA graph. The returned function does what serving a new
+        prompt through the graph takes: with ProxyV it builds the prompt's plan on the host and copies the plan's
+        tensors into the captured ones, then it replays the graph. It returns the graph's output tensor."""
+        static_plan = self.plan() if proxyv else None
+        kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False,
+                  **({"proxyv_plan": static_plan} if proxyv else {})}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # lazy initialisation (cuBLAS handles, workspaces) stays out of the graph
+            for _ in range(2):
+                self.lm(**kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.lm(**kwargs).last_hidden_state
+        targets = plan_tensors(static_plan) if proxyv else []
+
+        def run() -> torch.Tensor:
+            if proxyv:
+                for target, value in zip(targets, plan_tensors(self.plan()), strict=True):
+                    target.copy_(value, non_blocking=True)
+            graph.replay()
+            return out
+
+        run.graph = graph  # keeps the graph (and its memory pool) alive with the function
+        return run
 
     @torch.no_grad()
     def prefill(self, proxyv: bool):
@@ -236,7 +276,14 @@ class Runner:
 
     @torch.no_grad()
     def decode_ms_per_token(self, tokens: int, device: torch.device) -> dict[str, float]:
-        """Median milliseconds of one greedy decode step after a prefill, for both sides, their steps interleaved."""
+        """Median milliseconds of one greedy decode step after a prefill, for both sides, their steps interleaved.
+
+        The whole decode runs once untimed first: per-shape setup (on CUDA, cuDNN builds an attention plan for every
+        new key length) then costs neither side, instead of whichever side reaches a length first."""
+        self._decode(tokens, device)
+        return self._decode(tokens, device)
+
+    def _decode(self, tokens: int, device: torch.device) -> dict[str, float]:
         state = {}
         for side, on in (("off", False), ("proxyv", True)):
             with self._mode(on):
@@ -274,6 +321,7 @@ def bench(
     decode_tokens: int = 16,
     compile: bool = False,
     compile_mode: str | None = None,
+    cuda_graph: bool = False,
     cases: tuple[tuple[int, int], ...] | None = None,
     memory: bool = True,
     whole_model: bool = True,
@@ -281,51 +329,65 @@ def bench(
 ) -> BenchReport:
     """Benchmark a loaded ProxyV model (see the module docstring). `cases` ((batch, images), ...) replaces the
     product of `batch_sizes` and `images`. With `compile`, the language model is compiled once and both sides run
-    it; `compile_mode` defaults to "reduce-overhead" (CUDA graphs) on CUDA and "default" elsewhere."""
+    it; `compile_mode` defaults to "reduce-overhead" (CUDA graphs) on CUDA and "default" elsewhere. With
+    `cuda_graph` (CUDA only), each side's language-model prefill is captured in a CUDA graph of its own and replayed
+    (see `Runner.cuda_graph_prefill`)."""
     if not hasattr(model, "proxyv_disabled"):
         raise ProxyVError("bench needs a ProxyV model (from proxyv convert)")
     device = model.device
+    if cuda_graph and compile:
+        raise ProxyVError("--cuda-graph and --compile are two modes; choose one")
+    if cuda_graph and device.type != "cuda":
+        raise ProxyVError(f"--cuda-graph needs a CUDA device; the model is on {device}")
     if compile_mode is None:
         compile_mode = "reduce-overhead" if device.type == "cuda" else "default"
     compiled = torch.compile(model.model.language_model, mode=compile_mode) if compile else None
     report = BenchReport(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
         "threads)",
-        dtype=str(model.dtype).removeprefix("torch."), mode=f"compile ({compile_mode})" if compile else "eager",
+        dtype=str(model.dtype).removeprefix("torch."),
+        mode=f"compile ({compile_mode})" if compile else "CUDA graph" if cuda_graph else "eager",
         start_layer=model.config.proxyv_start_layer, reduce_factor=model.config.proxyv_reduce_factor,
         repeats=repeats,
     )
-    for batch, count in cases or [(b, n) for b in batch_sizes for n in images]:
-        inputs = synthetic_inputs(model, batch, count, text_tokens)
-        runner = Runner(model, inputs, compiled)
-        case = BenchCase(batch=batch, images=count, text_tokens=text_tokens,
-                         image_tokens=int((inputs["input_ids"][0] == model.config.image_token_id).sum()))
-        if progress:
-            progress(f"batch {batch}, {count} image(s): counting FLOPs")
-        plain = runner.eager()  # FLOPs and memory are measured on the eager graph
-        sides = {"off": False, "proxyv": True}
-        case.flops = {side: round(count_flops(partial(plain.lm_prefill, on)), 3) for side, on in sides.items()}
-        case.flops_ratio = round(case.flops["proxyv"] / case.flops["off"], 4)
-        if progress:
-            progress(f"batch {batch}, {count} image(s): timing the language-model prefill")
-        case.lm_prefill_ms = interleaved_medians(
-            {side: partial(runner.lm_prefill, on) for side, on in sides.items()}, repeats, warmup, device
-        )
-        case.lm_prefill_ratio = round(case.lm_prefill_ms["proxyv"] / case.lm_prefill_ms["off"], 4)
-        if whole_model:
+    cases = cases or tuple((b, n) for b in batch_sizes for n in images)
+    # Compiled: one static graph per case and side (as a server compiles per shape bucket), none given up on.
+    settings = {"automatic_dynamic_shapes": False, "cache_size_limit": 2 * len(cases) + 8} if compile else {}
+    with torch._dynamo.config.patch(**settings):
+        for batch, count in cases:
+            inputs = synthetic_inputs(model, batch, count, text_tokens)
+            runner = Runner(model, inputs, compiled)
+            case = BenchCase(batch=batch, images=count, text_tokens=text_tokens,
+                             image_tokens=int((inputs["input_ids"][0] == model.config.image_token_id).sum()))
             if progress:
-                progress(f"batch {batch}, {count} image(s): timing the whole-model prefill and decoding")
-            case.prefill_ms = interleaved_medians(
-                {side: partial(runner.prefill, on) for side, on in sides.items()}, repeats, warmup, device
-            )
-            case.prefill_ratio = round(case.prefill_ms["proxyv"] / case.prefill_ms["off"], 4)
-            case.decode_ms_per_token = runner.decode_ms_per_token(decode_tokens, device)
-            case.decode_ratio = round(case.decode_ms_per_token["proxyv"] / case.decode_ms_per_token["off"], 4)
-        if memory:
-            case.peak_memory_mb = {
-                side: peak_memory_mb(partial(plain.lm_prefill, on), device) for side, on in sides.items()
-            }
-        report.cases.append(case)
+                progress(f"batch {batch}, {count} image(s): counting FLOPs")
+            plain = runner.eager()  # FLOPs and memory are measured on the eager graph
+            sides = {"off": False, "proxyv": True}
+            case.flops = {side: round(count_flops(partial(plain.lm_prefill, on)), 3) for side, on in sides.items()}
+            case.flops_ratio = round(case.flops["proxyv"] / case.flops["off"], 4)
+            if progress:
+                progress(f"batch {batch}, {count} image(s): timing the language-model prefill")
+            if cuda_graph:
+                timed = {side: runner.cuda_graph_prefill(on) for side, on in sides.items()}
+            else:
+                timed = {side: partial(runner.lm_prefill, on) for side, on in sides.items()}
+            case.lm_prefill_ms = interleaved_medians(timed, repeats, warmup, device)
+            del timed  # frees the graphs' memory pools before the memory is measured
+            case.lm_prefill_ratio = round(case.lm_prefill_ms["proxyv"] / case.lm_prefill_ms["off"], 4)
+            if whole_model:
+                if progress:
+                    progress(f"batch {batch}, {count} image(s): timing the whole-model prefill and decoding")
+                case.prefill_ms = interleaved_medians(
+                    {side: partial(runner.prefill, on) for side, on in sides.items()}, repeats, warmup, device
+                )
+                case.prefill_ratio = round(case.prefill_ms["proxyv"] / case.prefill_ms["off"], 4)
+                case.decode_ms_per_token = runner.decode_ms_per_token(decode_tokens, device)
+                case.decode_ratio = round(case.decode_ms_per_token["proxyv"] / case.decode_ms_per_token["off"], 4)
+            if memory:
+                case.peak_memory_mb = {
+                    side: peak_memory_mb(partial(plain.lm_prefill, on), device) for side, on in sides.items()
+                }
+            report.cases.append(case)
     return report
 
 
@@ -383,6 +445,10 @@ def run_bench(
         raise ProxyVError(f"--device {device} is not a device torch knows") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ProxyVError(f"--device {device}: CUDA is not available here")
+    if options.get("cuda_graph") and not device.startswith("cuda"):
+        raise ProxyVError(f"--cuda-graph needs a CUDA device; --device is {device}")
+    if options.get("cuda_graph") and options.get("compile"):
+        raise ProxyVError("--cuda-graph and --compile are two modes; choose one")
     model = load_model(folder, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device,
                        attn_implementation=attn)
     report = bench(model, **options)

@@ -378,6 +378,8 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed runs per side first.")] = 3,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the language model (both sides)."
                                                 )] = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA only: capture each side's language-model "
+                                             "prefill in a CUDA graph and time its replays.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (as stored), float32, bfloat16 or float16.")] = "auto",
     attn: Annotated[str, typer.Option(help="Attention implementation: sdpa or eager.")] = "sdpa",
@@ -392,13 +394,14 @@ def bench(
         v = from_recipe(ctx, recipe, locals(), {
             "model": "output", "batch_sizes": "bench.batch_sizes", "images": "bench.images",
             "text_tokens": "bench.text_tokens", "repeats": "bench.repeats", "warmup": "bench.warmup",
-            "compile_model": "bench.compile", "device": "bench.device", "dtype": "bench.dtype",
+            "compile_model": "bench.compile", "cuda_graph": "bench.cuda_graph", "device": "bench.device",
+            "dtype": "bench.dtype",
         })
         require(v, model="MODEL")
         report, path = run_bench(
             Path(v["model"]), batch_sizes=tuple(v["batch_sizes"]), images=tuple(v["images"]),
             text_tokens=v["text_tokens"], repeats=v["repeats"], warmup=v["warmup"], compile=v["compile_model"],
-            device=v["device"], dtype=v["dtype"], attn=attn, write=not no_write,
+            cuda_graph=v["cuda_graph"], device=v["device"], dtype=v["dtype"], attn=attn, write=not no_write,
             progress=lambda message: typer.echo(message, err=True),
         )
     from .bench import format_report

@@ -107,6 +107,7 @@ class BenchSection(Section):
     repeats: int = Field(default=10, ge=1)
     warmup: int = Field(default=3, ge=0)
     compile: bool = False
+    cuda_graph: bool = False
     device: str | None = None
     dtype: Dtype = "auto"
 

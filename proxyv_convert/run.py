@@ -189,7 +189,7 @@ def _bench(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dict:
     report, _ = run_bench(
         output, device=section.device, dtype=section.dtype, batch_sizes=tuple(section.batch_sizes),
         images=tuple(section.images), text_tokens=section.text_tokens, repeats=section.repeats,
-        warmup=section.warmup, compile=section.compile,
+        warmup=section.warmup, compile=section.compile, cuda_graph=section.cuda_graph,
     )
     case = report.cases[0]
     return {"prefill_speedup": round(1 / case.lm_prefill_ratio, 3), "flops_ratio": case.flops_ratio}

@@ -102,6 +102,7 @@ def test_cli_writes_the_report_and_the_card_shows_it(tmp_path):
         (["--device", "cuda:7"], "CUDA is not available"),
         (["--dtype", "int8"], "--dtype int8 is not one of"),
         (["--attn", "flash"], "--attn flash is not one of"),
+        (["--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
     ],
 )
 def test_cli_errors(tmp_path, args, message):
@@ -154,5 +155,42 @@ def test_the_proxyv_language_model_traces_as_one_graph():
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
     with torch.no_grad():
-        compiled = torch.compile(prefill, backend="eager", fullgraph=True)(runner.embeds, runner.inputs["attention_mask"])
-        torch.testing.assert_close(compiled, prefill(runner.embeds, runner.inputs["attention_mask"]))
+        embeds, mask = runner.embeds, runner.inputs["attention_mask"]
+        compiled = torch.compile(prefill, backend="eager", fullgraph=True)(embeds, mask)
+        torch.testing.assert_close(compiled, prefill(embeds, mask))
+
+
+@pytest.mark.parametrize("proxy", ["spatial", "learned"])
+def test_a_plan_copied_into_another_computes_the_new_prompt(proxy):
+    """CUDA-graph timing replays one captured plan after copying a new prompt's plan tensors into it: the copy must
+    carry everything the forward reads. Two prompts of the same length with the image at different places."""
+    from proxyv_convert.bench import plan_tensors
+
+    if proxy == "spatial":
+        model = convert_in_memory(tiny_llava(), randomize=True)
+    else:
+        from test_learned_proxies import learned_model
+
+        from proxyv_convert.modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration
+
+        model = learned_model(tiny_llava(seed=1), ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration)
+    first = synthetic_inputs(model, batch=2, images=1, text_tokens=16)
+    ids = first["input_ids"]
+    second = dict(first, input_ids=torch.cat([ids[:, -6:], ids[:, :-6]], dim=1))  # the image 6 tokens later
+    assert not torch.equal(first["input_ids"], second["input_ids"])
+    lm, embeds = model.model.language_model, torch.randn(2, ids.shape[1], model.config.text_config.hidden_size)
+
+    def run(plan):
+        with torch.no_grad():
+            return lm(inputs_embeds=embeds, use_cache=False, proxyv_plan=plan).last_hidden_state
+
+    def plan_of(inputs):
+        return model.model._make_plan({k: v for k, v in inputs.items() if k != "pixel_values"})
+
+    captured, fresh = plan_of(first), plan_of(second)
+    before, expected = run(captured), run(fresh)
+    assert (before - expected).abs().max() > 1e-3  # the two prompts compute different things
+    for target, value in zip(plan_tensors(captured), plan_tensors(fresh), strict=True):
+        assert target.shape == value.shape
+        target.copy_(value)
+    torch.testing.assert_close(run(captured), expected, rtol=0, atol=0)

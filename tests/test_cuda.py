@@ -1,0 +1,158 @@
+"""The ProxyV model, torch.compile and `proxyv bench` on a CUDA device.
+
+Machines without CUDA skip this module (pytest lists it as skipped); on a GPU machine run
+`python -m pytest -q tests/test_cuda.py`. float32 checks run with TF32 off, so that GPU arithmetic is comparable with
+the CPU reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from proxyv_reference import reference_logits
+from test_modeling import PROMPTS, batch, convert_in_memory, greedy_without_cache, pixel_values_for
+from tiny_models import save_tiny_llava, tiny_llava
+
+from proxyv_convert.bench import Runner, bench, synthetic_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def cpu_pair():
+    source = tiny_llava(seed=0)
+    return source, convert_in_memory(source)
+
+
+@pytest.fixture(scope="module")
+def cuda_pair(cpu_pair):
+    source, proxyv = cpu_pair
+    return copy.deepcopy(source).to(CUDA), copy.deepcopy(proxyv).to(CUDA)
+
+
+def inputs_for(names: list[str], device: str = CUDA):
+    prompts = [PROMPTS[n] for n in names]
+    ids, mask = batch(prompts, "left")
+    pixels = pixel_values_for(prompts)
+    return ids.to(device), mask.to(device), None if pixels is None else pixels.to(device)
+
+
+def test_off_is_bit_exact_on_cuda(cuda_pair):
+    source, proxyv = cuda_pair
+    ids, mask, pixels = inputs_for(["one image", "two images", "no image"])
+    with torch.no_grad():
+        expected = source(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        with proxyv.proxyv_disabled():
+            off = proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        on = proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert torch.equal(off, expected)
+    assert (on - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["one image", "two images", "image last"])
+def test_matches_the_reference_on_cuda(cpu_pair, cuda_pair, name):
+    prompt = torch.tensor(PROMPTS[name])
+    pixels = pixel_values_for([PROMPTS[name]])
+    expected = reference_logits(cpu_pair[1], prompt, pixels)  # float32 on the CPU, token by token
+    with torch.no_grad():
+        logits = cuda_pair[1](input_ids=prompt[None].to(CUDA), pixel_values=pixels.to(CUDA)).logits[0]
+    torch.testing.assert_close(logits.cpu(), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_padded_batch_and_generation_on_cuda(cpu_pair, cuda_pair):
+    ids, mask, pixels = inputs_for(["one image", "two images", "no image"])
+    with torch.no_grad():
+        on_cuda = cuda_pair[1](input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        on_cpu = cpu_pair[1](input_ids=ids.cpu(), attention_mask=mask.cpu(), pixel_values=pixels.cpu()).logits
+    real = mask.bool().cpu()
+    torch.testing.assert_close(on_cuda.cpu()[real], on_cpu[real], atol=1e-4, rtol=1e-3)
+    cached = cuda_pair[1].generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6,
+                                   min_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, greedy_without_cache(cuda_pair[1], ids, mask, pixels, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_on_cuda(cpu_pair, dtype):
+    source, proxyv = (copy.deepcopy(m).to(CUDA, dtype) for m in cpu_pair)
+    ids, mask, pixels = inputs_for(["one image", "two images"])
+    with torch.no_grad():
+        expected = source(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(dtype)).logits
+        with proxyv.proxyv_disabled():
+            off = proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(dtype)).logits
+        low = proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(dtype)).logits.float()
+        full = cpu_pair[1](input_ids=ids.cpu(), attention_mask=mask.cpu(), pixel_values=pixels.cpu()).logits
+    assert torch.equal(off, expected)
+    real = mask.bool().cpu()
+    error = (low.cpu()[real] - full[real]).norm() / full[real].norm()
+    assert error < 3e-2, f"relative error {error:.4f} against float32"
+
+
+def test_compiled_language_model_matches_eager_on_cuda(cuda_pair):
+    """The documented way to use CUDA graphs: compile the language model with mode="reduce-overhead"."""
+    proxyv = copy.deepcopy(cuda_pair[1])
+    runner = Runner(proxyv, synthetic_inputs(proxyv, batch=2, images=1, text_tokens=12))
+    expected = {on: runner.lm_prefill(on).clone() for on in (False, True)}
+    proxyv.model.language_model = torch.compile(proxyv.model.language_model, mode="reduce-overhead")
+    compiled = Runner(proxyv, synthetic_inputs(proxyv, batch=2, images=1, text_tokens=12))
+    for _ in range(3):  # compile, record the graph, replay it
+        outs = {on: compiled.lm_prefill(on).clone() for on in (False, True)}
+    for on in (False, True):
+        torch.testing.assert_close(outs[on], expected[on], atol=1e-4, rtol=1e-3)
+
+
+def test_cuda_graph_replays_a_new_prompt(cuda_pair):
+    """`bench --cuda-graph` captures one prompt and replays after copying a new prompt's plan: a prompt with its
+    image elsewhere must give what eager gives for it."""
+    proxyv = cuda_pair[1]
+    runner = Runner(proxyv, synthetic_inputs(proxyv, batch=2, images=1, text_tokens=16))
+    replay = runner.cuda_graph_prefill(True)
+    torch.testing.assert_close(replay().clone(), runner.lm_prefill(True), atol=1e-5, rtol=1e-4)
+    ids = runner.inputs["input_ids"]
+    other = Runner(proxyv, dict(runner.inputs, input_ids=torch.cat([ids[:, -6:], ids[:, :-6]], dim=1)))
+    expected = other.lm_prefill(True)
+    runner.inputs = other.inputs
+    runner.embeds.copy_(other.embeds)
+    got = replay()
+    assert (got - runner.cuda_graph_prefill(False)()).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cli_bench_on_cuda(tmp_path):
+    """`proxyv bench --cuda-graph` end to end (the whole-model prefill and decoding run eager in it)."""
+    from proxyv_convert.convert import convert
+
+    source = save_tiny_llava(tmp_path / "source")
+    convert(str(source), tmp_path / "m", layer=2, progress=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxyv_convert.cli", "bench", str(tmp_path / "m"), "--device", "cuda",
+         "--batch-sizes", "1", "--batch-sizes", "2", "--repeats", "3", "--warmup", "2", "--cuda-graph"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "m" / "bench_report.json").read_text())
+    assert report["mode"] == "CUDA graph"
+    assert torch.cuda.get_device_name() in report["device"]
+    for case in report["cases"]:
+        assert 0 < case["flops_ratio"] < 1 and case["lm_prefill_ratio"] > 0 and case["decode_ratio"] > 0
+        assert case["peak_memory_mb"]["proxyv"] > 0
+
+
+def test_bench_refuses_two_modes(cuda_pair):
+    from proxyv_convert.errors import ProxyVError
+
+    with pytest.raises(ProxyVError, match="choose one"):
+        bench(cuda_pair[1], compile=True, cuda_graph=True)
