@@ -1,6 +1,7 @@
-"""How much an undistilled ProxyV conversion of the shipped shapes model loses, by start layer and reduce factor.
+"""How much an undistilled ProxyV conversion of a shapes model (the shipped one by default) loses, by start
+layer and reduce factor.
 
-    python benchmarks/conversion_drop.py [--n 600] [--factors 4 2]
+    python benchmarks/conversion_drop.py [--n 600] [--factors 4 2] [--model DIR]
 
 Accuracy per question kind on the test split (greedy answers, exact match), the original model first. A fresh
 conversion's VisionMLPs output zero, so from the start layer on the vision tokens keep their start-layer states:
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=600, help="test examples")
     parser.add_argument("--factors", type=int, nargs="+", default=[4])
+    parser.add_argument("--model", default=str(MODEL_DIR), help="a shapes LLaVA (default: the shipped one)")
     args = parser.parse_args(argv)
-    model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     processor = build_processor()
     layers = model.config.text_config.num_hidden_layers
     header = f"{'model':<24}" + "".join(f"{k:>9}" for k in (*KINDS, "all")) + f"{'drop':>8}"

@@ -110,7 +110,9 @@ def load_for_eval(model: str | Path | LlavaForConditionalGeneration,
                   processor: ProcessorMixin | None = None) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
     """A model (loaded from its folder when given as a path) and its processor (from the same folder by default)."""
     if isinstance(model, (str, Path)):
-        folder = Path(model)
+        from .recipes import resolve_model_source
+
+        folder = Path(resolve_model_source(str(model)))  # builtin:NAME -> the shipped folder
         model = load_model(folder)
     else:
         folder = Path(getattr(model, "name_or_path", "") or ".")

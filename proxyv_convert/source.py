@@ -44,7 +44,11 @@ class Source:
 
 def resolve_source(source: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Source:
     """A local folder as is; anything else that is a valid Hub id is fetched, without its weights (see
-    `fetch_weights`), so that a bad config or option is caught before gigabytes are downloaded."""
+    `fetch_weights`), so that a bad config or option is caught before gigabytes are downloaded. `builtin:NAME` is a
+    model that ships with proxyv."""
+    from .recipes import resolve_model_source
+
+    source = resolve_model_source(source)
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -214,3 +214,18 @@ def test_distill_option_defaults_are_the_library_defaults():
     defaults = {param.name: param.default for param in command.params}
     for field in dataclasses.fields(DistillSettings):
         assert defaults[field.name] == getattr(DistillSettings(), field.name), field.name
+
+
+def test_builtin_model_names_work_where_a_model_folder_does(tmp_path):
+    """`builtin:NAME` (as in recipes) is accepted by convert and eval; an unknown name is one clear line."""
+    converted = run("convert", "builtin:llava-shapes", "--layer", "3", "--out", tmp_path / "m", "--quiet")
+    assert converted.exit_code == 0, converted.output
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["proxyv_start_layer"] == 3
+    evaluated = run("eval", "builtin:llava-shapes", "--data", "shapes", "--limit", "30", "--quiet")
+    assert evaluated.exit_code == 0 and "builtin:llava-shapes: accuracy" in evaluated.output, evaluated.output
+    for command in (["convert", "builtin:nope", "--layer", "2", "--out", tmp_path / "n"],
+                    ["eval", "builtin:nope", "--data", "shapes"]):
+        result = run_python(*command)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "unknown built-in model 'nope'; built-in models: llava-shapes" in result.stderr
+    assert not (tmp_path / "n").exists()
