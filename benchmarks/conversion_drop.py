@@ -42,15 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     row("original", original)
     for factor in args.factors:
         for start in range(1, layers):
-            proxyv = converted(model, start)
-            if factor != proxyv.config.proxyv_reduce_factor:
-                from proxyv_convert.modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration
-
-                config = ProxyVLlavaConfig.from_llava_config(model.config, proxyv_start_layer=start,
-                                                             proxyv_reduce_factor=factor)
-                proxyv = ProxyVLlavaForConditionalGeneration(config)
-                proxyv.load_state_dict(model.state_dict(), strict=False)
-                proxyv.eval()
+            proxyv = converted(model, start, factor)
             row(f"ProxyV L{start} factor {factor}", answer_accuracy(proxyv, processor, "test", args.n))
     print(f"({time.perf_counter() - started:.0f} s; drop: points of 'all' below the original)")
 

@@ -205,11 +205,12 @@ def answer_accuracy(model, processor: LlavaProcessor, split: str, n: int, *, noi
     return result
 
 
-def converted(model: LlavaForConditionalGeneration, start_layer: int | None = None):
+def converted(model: LlavaForConditionalGeneration, start_layer: int | None = None, reduce_factor: int = 4):
     """The undistilled ProxyV conversion of `model` (VisionMLPs at zero) at `start_layer` (default: the middle)."""
     from ..modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration
 
-    config = ProxyVLlavaConfig.from_llava_config(model.config, proxyv_start_layer=start_layer, proxyv_reduce_factor=4)
+    config = ProxyVLlavaConfig.from_llava_config(model.config, proxyv_start_layer=start_layer,
+                                                 proxyv_reduce_factor=reduce_factor)
     proxyv = ProxyVLlavaForConditionalGeneration(config)
     proxyv.load_state_dict(model.state_dict(), strict=False)
     return proxyv.eval()
