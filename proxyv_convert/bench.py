@@ -310,6 +310,13 @@ class Runner:
         return contextlib.nullcontext() if proxyv else self.model.proxyv_disabled()
 
 
+def check_mode(device: torch.device, *, compile: bool, cuda_graph: bool) -> None:
+    if cuda_graph and compile:
+        raise ProxyVError("--cuda-graph and --compile are two modes; choose one")
+    if cuda_graph and device.type != "cuda":
+        raise ProxyVError(f"--cuda-graph needs a CUDA device; the device is {device}")
+
+
 def bench(
     model,
     *,
@@ -335,10 +342,7 @@ def bench(
     if not hasattr(model, "proxyv_disabled"):
         raise ProxyVError("bench needs a ProxyV model (from proxyv convert)")
     device = model.device
-    if cuda_graph and compile:
-        raise ProxyVError("--cuda-graph and --compile are two modes; choose one")
-    if cuda_graph and device.type != "cuda":
-        raise ProxyVError(f"--cuda-graph needs a CUDA device; the model is on {device}")
+    check_mode(device, compile=compile, cuda_graph=cuda_graph)
     if compile_mode is None:
         compile_mode = "reduce-overhead" if device.type == "cuda" else "default"
     compiled = torch.compile(model.model.language_model, mode=compile_mode) if compile else None
@@ -445,10 +449,8 @@ def run_bench(
         raise ProxyVError(f"--device {device} is not a device torch knows") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ProxyVError(f"--device {device}: CUDA is not available here")
-    if options.get("cuda_graph") and not device.startswith("cuda"):
-        raise ProxyVError(f"--cuda-graph needs a CUDA device; --device is {device}")
-    if options.get("cuda_graph") and options.get("compile"):
-        raise ProxyVError("--cuda-graph and --compile are two modes; choose one")
+    check_mode(torch.device(device), compile=options.get("compile", False),
+               cuda_graph=options.get("cuda_graph", False))  # before loading the model
     model = load_model(folder, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device,
                        attn_implementation=attn)
     report = bench(model, **options)

@@ -119,12 +119,7 @@ def load_model(
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
 ) -> LlavaForConditionalGeneration:
-    """Load a ProxyV folder with the package's classes, or a plain LLaVA folder (or `builtin:NAME`, a model that ships
-    with proxyv) with transformers' own class."""
-    if str(folder).startswith("builtin:"):
-        from .recipes import resolve_model_source
-
-        folder = resolve_model_source(str(folder))
+    """Load a ProxyV folder with the package's classes, or a plain LLaVA folder with transformers' own class."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ProxyVError(f"{folder} is not a model folder (no config.json)")
