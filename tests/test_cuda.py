@@ -18,7 +18,7 @@ from proxyv_reference import reference_logits
 from test_modeling import PROMPTS, batch, convert_in_memory, greedy_without_cache, pixel_values_for
 from tiny_models import save_tiny_llava, tiny_llava
 
-from proxyv_convert.bench import Runner, bench, synthetic_inputs
+from proxyv_convert.bench import Runner, bench, plan_tensors, synthetic_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = "cuda"
@@ -71,6 +71,18 @@ def test_matches_the_reference_on_cuda(cpu_pair, cuda_pair, name):
     with torch.no_grad():
         logits = cuda_pair[1](input_ids=prompt[None].to(CUDA), pixel_values=pixels.to(CUDA)).logits[0]
     torch.testing.assert_close(logits.cpu(), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_plan_on_cuda_equals_the_cpu_plan(cpu_pair, cuda_pair):
+    """The plan's tensors reach the device packed in one copy per dtype: every one must arrive intact."""
+    ids, mask, _ = inputs_for(["one image", "two images", "no image"])
+    on_cpu = cpu_pair[1].model._make_plan({"input_ids": ids.cpu(), "attention_mask": mask.cpu()})
+    on_cuda = cuda_pair[1].model._make_plan({"input_ids": ids, "attention_mask": mask})
+    cpu_tensors, cuda_tensors = plan_tensors(on_cpu), plan_tensors(on_cuda)
+    assert len(cpu_tensors) == len(cuda_tensors) > 5
+    for expected, got in zip(cpu_tensors, cuda_tensors, strict=True):
+        assert got.device.type == CUDA and got.dtype == expected.dtype
+        assert torch.equal(got.cpu(), expected)
 
 
 def test_padded_batch_and_generation_on_cuda(cpu_pair, cuda_pair):

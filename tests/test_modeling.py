@@ -8,7 +8,7 @@ from proxyv_reference import reference_logits
 from tiny_models import IMAGE_TOKEN_ID, image_prompt, tiny_llava, tiny_llava_config
 
 from proxyv_convert.remote.configuration_proxyv import ProxyVLlavaConfig
-from proxyv_convert.remote.modeling_proxyv import ProxyVLlavaForConditionalGeneration, ProxyVLlavaModel
+from proxyv_convert.remote.modeling_proxyv import ProxyVLlavaForConditionalGeneration, ProxyVLlavaModel, to_device
 
 GRID = 24
 PAD = 0
@@ -410,3 +410,22 @@ def test_config_defaults_and_round_trip(tmp_path):
     again = ProxyVLlavaConfig.from_pretrained(tmp_path)
     assert again.model_type == "proxyv_llava"
     assert (again.proxyv_start_layer, again.proxyv_grid) == (2, 24)
+
+
+def test_plan_tensors_move_to_a_device_packed_by_dtype():
+    host = {
+        "rows": torch.arange(12).view(3, 4),
+        "slots": torch.tensor([5, 6]),
+        "valid": torch.tensor([[True, False], [False, True]]),
+        "empty": torch.zeros(0, dtype=torch.long),
+    }
+    assert to_device(host, torch.device("cpu")) is host  # nothing to move
+    moved = to_device(host, torch.device("meta"))
+    assert set(moved) == set(host)
+    for name, tensor in host.items():
+        assert moved[name].device.type == "meta"
+        assert (moved[name].shape, moved[name].dtype) == (tensor.shape, tensor.dtype)
+    # One buffer per dtype: the long tensors are views of one storage, the bool tensor of another.
+    packed = moved["rows"]._base
+    assert packed is not None and moved["slots"]._base is packed and moved["empty"]._base is packed
+    assert moved["valid"]._base is not packed

@@ -50,6 +50,23 @@ def flat_rows(index: torch.Tensor, rows: int) -> torch.Tensor:
     return (index + offsets).reshape(-1)
 
 
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """CPU tensors -> the same tensors on `device`, with one host-to-device copy per dtype (from pinned memory on
+    CUDA, so the copy does not wait for the host)."""
+    if device.type == "cpu":
+        return tensors
+    out = {}
+    for dtype in dict.fromkeys(t.dtype for t in tensors.values()):
+        names = [name for name, t in tensors.items() if t.dtype == dtype]
+        packed = torch.cat([tensors[name].reshape(-1) for name in names])
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=device.type == "cuda")
+        for name, part in zip(names, packed.split([tensors[name].numel() for name in names]), strict=True):
+            out[name] = part.view(tensors[name].shape)
+    return out
+
+
 def select_rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
     """Rows of x (B, L, D) at flat indices from `flat_rows` -> (B, K, D): one contiguous row copy per index."""
     return x.reshape(-1, x.shape[-1]).index_select(0, flat_index).view(x.shape[0], -1, x.shape[-1])
@@ -225,19 +242,26 @@ class ProxyVPlan:
         self.seq_len = seq
 
         # Per sample, on the CPU: the grid rows (vision slots), each vision slot's proxy, the proxies' source rows.
-        vision, upsample, sources, text, kinds = [], [], [], [], []
+        # Index patterns are made once per grid shape and shifted to each grid's place.
+        patterns: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        vision, upsample, sources = [], [], []
         shape_groups: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        is_image = image_mask.cpu()
         learned_groups = []  # (flat token rows, flat proxy slots) of every grid, for learned proxies
+        empty = torch.zeros(0, dtype=torch.long)
         for b, sample_grids in enumerate(grids):
             rows, ups, srcs, offset = [], [], [], 0
             for grid in sample_grids:
                 ph, pw = grid.proxy_shape(factor) if learned is None else (1, learned)
-                rows.append(grid.rows())
-                cell_i = torch.arange(grid.height)[:, None] * ph // grid.height  # nearest: floor(i * ph / h)
-                cell_j = torch.arange(grid.width) * pw // grid.width
-                ups.append((offset + cell_i * pw + cell_j).reshape(-1))
-                srcs.append(grid.start + torch.arange(ph * pw))
+                key = (grid.height, grid.width, grid.stride, ph, pw)
+                if key not in patterns:
+                    cell_i = torch.arange(grid.height)[:, None] * ph // grid.height  # nearest: floor(i * ph / h)
+                    cell_j = torch.arange(grid.width) * pw // grid.width
+                    patterns[key] = (ProxyVGrid(0, grid.height, grid.width, grid.stride).rows(),
+                                     (cell_i * pw + cell_j).reshape(-1), torch.arange(ph * pw))
+                grid_rows, grid_ups, proxy_range = patterns[key]
+                rows.append(grid.start + grid_rows)
+                ups.append(offset + grid_ups)
+                srcs.append(grid.start + proxy_range)
                 if learned is None:
                     sources_group, slots_group = shape_groups.setdefault((grid.height, grid.width), ([], []))
                     sources_group.append(b * seq + rows[-1])
@@ -245,91 +269,111 @@ class ProxyVPlan:
                 else:
                     learned_groups.append((b * seq + rows[-1], (b, offset)))
                 offset += ph * pw
-            row_index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-            kind = torch.where(is_image[b], NEWLINE, TEXT)
-            kind[row_index] = VISION
-            vision.append(row_index)
-            upsample.append(torch.cat(ups) if ups else torch.zeros(0, dtype=torch.long))
-            sources.append(torch.cat(srcs) if srcs else torch.zeros(0, dtype=torch.long))
-            text.append(torch.nonzero(kind != VISION).reshape(-1))
-            kinds.append(kind)
-        num_vision = max(len(v) for v in vision)
-        proxies = max(len(p) for p in sources)
-        text_slots = max(len(t) for t in text)
+            vision.append(torch.cat(rows) if rows else empty)
+            upsample.append(torch.cat(ups) if ups else empty)
+            sources.append(torch.cat(srcs) if srcs else empty)
+
+        def padded(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(B, longest) items padded with 0, which entries are real, and each item's length."""
+            out = nn.utils.rnn.pad_sequence(items, batch_first=True)
+            lengths = torch.tensor([len(item) for item in items])
+            return out, torch.arange(out.shape[1]) < lengths[:, None], lengths
+
+        vision_index, vision_valid, vision_lengths = padded(vision)
+        upsample_index, _, _ = padded(upsample)
+        proxy_source, proxy_valid, _ = padded(sources)
+        num_vision, proxies = vision_index.shape[1], proxy_source.shape[1]
+        # Kind of every row; text slots are the rows that are not vision slots, in order (padded with row 0).
+        kind = torch.where(image_mask.cpu(), NEWLINE, TEXT)  # (B, T)
+        kind.view(-1)[(vision_index + torch.arange(batch)[:, None] * seq)[vision_valid]] = VISION
+        is_text = kind != VISION
+        text_lengths = is_text.sum(1)
+        text_slots = int(text_lengths.max())
+        text_index = torch.argsort((~is_text).to(torch.uint8), dim=1, stable=True)[:, :text_slots]
+        text_valid = torch.arange(text_slots) < text_lengths[:, None]
+        text_index = text_index.masked_fill(~text_valid, 0)
         self.num_proxies, self.num_text_slots = proxies, text_slots
-
-        def padded(items: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-            out = torch.zeros(batch, width, dtype=torch.long)
-            valid = torch.zeros(batch, width, dtype=torch.bool)
-            for b, item in enumerate(items):
-                out[b, : len(item)] = item
-                valid[b, : len(item)] = True
-            return out, valid
-
-        vision_index, _ = padded(vision, num_vision)
-        upsample_index, _ = padded(upsample, num_vision)
-        proxy_source, proxy_valid = padded(sources, proxies)
-        text_index, text_valid = padded(text, text_slots)
-        kind = torch.stack(kinds)  # (B, T)
-        # Row r of a layer's output is row out_index[r] of cat([text slots, proxy slots, vision slots]).
-        out_index = torch.empty(batch, seq + proxies, dtype=torch.long)
-        for b in range(batch):
-            out_index[b, text[b]] = torch.arange(len(text[b]))
-            out_index[b, vision[b]] = text_slots + proxies + torch.arange(len(vision[b]))
-        out_index[:, seq:] = torch.arange(text_slots, text_slots + proxies)
+        # Row r of a layer's output is row out_index[r] of cat([text slots, proxy slots, vision slots]); a last
+        # column takes the writes of padded vision slots and is dropped.
+        out_index = torch.zeros(batch, seq + proxies + 1, dtype=torch.long)
+        out_index[:, :seq] = is_text.cumsum(1) - 1
+        vision_target = torch.where(vision_valid, vision_index, seq + proxies)
+        out_index.scatter_(1, vision_target, (text_slots + proxies + torch.arange(num_vision)).expand(batch, -1))
+        out_index[:, seq : seq + proxies] = torch.arange(text_slots, text_slots + proxies)
+        out_index = out_index[:, :-1]
+        vision_lengths = vision_lengths.tolist()
 
         # The shape groups of make_proxies: flat source rows and flat proxy slots of every grid of one shape.
-        self.proxy_groups = []
-        for (height, width), (group_rows, group_slots) in shape_groups.items():
+        host: dict[str, torch.Tensor] = {}
+        group_shapes = []
+        for g, ((height, width), (group_rows, group_slots)) in enumerate(shape_groups.items()):
             ph, pw = ProxyVGrid(0, height, width, width).proxy_shape(factor)
-            slots = torch.cat([b * proxies + offset + torch.arange(ph * pw) for b, offset in group_slots])
-            self.proxy_groups.append(((height, width), (ph, pw), torch.cat(group_rows).to(device), slots.to(device)))
+            group_shapes.append(((height, width), (ph, pw)))
+            host[f"group_rows{g}"] = torch.cat(group_rows)
+            slots = [b * proxies + offset + torch.arange(ph * pw) for b, offset in group_slots]
+            host[f"group_slots{g}"] = torch.cat(slots)
         if self.learned:
-            self._learned_layout(learned_groups, vision, proxies, num_vision, learned, device)
+            host.update(self._learned_layout(learned_groups, vision, proxies, num_vision, learned))
 
-        to = {"device": device}
-        self.vision_index = vision_index.to(**to)  # (B, V)
-        self.query_index = torch.cat([text_index, torch.arange(seq, seq + proxies).expand(batch, proxies)], 1).to(**to)
-        self.out_index = out_index.to(**to)  # (B, T + P)
-        self.proxy_source = proxy_source.clamp(max=seq - 1).to(**to)  # (B, P): causal order and RoPE position
-        # The same index sets flattened for the (B*rows, H) views they are used on (index_select copies whole rows).
+        query_index = torch.cat([text_index, torch.arange(seq, seq + proxies).expand(batch, proxies)], 1)
+        proxy_source = proxy_source.clamp(max=seq - 1)  # causal order and RoPE position of each proxy
+        # Each key's causal order and each query's; whether a key is one a proxy may see (text or proxy).
+        key_order = torch.cat([torch.arange(seq).expand(batch, seq), proxy_source], dim=1)  # (B, T + P)
         rows = seq + proxies
-        self.query_rows = flat_rows(self.query_index, rows)
-        self.vision_rows = flat_rows(self.vision_index, rows)
-        self.out_rows = flat_rows(self.out_index, text_slots + proxies + num_vision)
-        self.upsample_rows = flat_rows(upsample_index.to(**to), proxies)  # vision slot -> proxy slot, (B*V,)
+        host.update(
+            query_index=query_index,  # (B, Q)
+            proxy_source=proxy_source,  # (B, P)
+            # The index sets flattened for the (B*rows, H) views they are used on (index_select copies whole rows).
+            query_rows=flat_rows(query_index, rows),
+            vision_rows=flat_rows(vision_index, rows),
+            out_rows=flat_rows(out_index, text_slots + proxies + num_vision),
+            upsample_rows=flat_rows(upsample_index, proxies),  # vision slot -> proxy slot, (B*V,)
+            key_order=key_order,
+            query_order=key_order.gather(1, query_index),
+            proxy_sees=torch.cat([kind == TEXT, torch.ones(batch, proxies, dtype=torch.bool)], dim=1),
+            slot_valid=torch.cat([text_valid, proxy_valid], dim=1),
+            proxy_valid=proxy_valid,
+        )
+        on_device = to_device(host, device)  # one host-to-device copy per dtype
+        self.proxy_groups = [
+            (shape, proxy_shape, on_device[f"group_rows{g}"], on_device[f"group_slots{g}"])
+            for g, (shape, proxy_shape) in enumerate(group_shapes)
+        ]
+        if self.learned:
+            self.learned_rows, self.learned_valid = on_device["learned_rows"], on_device["learned_valid"]
+            self.learned_slots, self.learned_back_rows = on_device["learned_slots"], on_device["learned_back_rows"]
+            self.learned_back: torch.Tensor | None = None
+        self.query_index, self.proxy_source = on_device["query_index"], on_device["proxy_source"]
+        self.query_rows, self.vision_rows = on_device["query_rows"], on_device["vision_rows"]
+        self.out_rows, self.upsample_rows = on_device["out_rows"], on_device["upsample_rows"]
         self.num_vision = num_vision
         # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
-        self.dense = bool(text_valid.all() and proxy_valid.all()) and all(len(v) == num_vision for v in vision)
+        self.dense = bool(text_valid.all() and proxy_valid.all()) and min(vision_lengths) == num_vision
 
-        self.mask = self._attention_mask(
-            kind.to(**to), attention_mask, text_valid.to(**to), proxy_valid.to(**to), sliding_window
-        )
+        self.mask = self._attention_mask(on_device, attention_mask, sliding_window)
         self._rope_source: torch.Tensor | None = None
         self._rope: tuple[torch.Tensor, ...] = ()
 
-    def _attention_mask(self, kind, attention_mask, text_valid, proxy_valid, sliding_window) -> torch.Tensor:
-        batch, seq = kind.shape
-        device = kind.device
-        real = torch.ones_like(kind, dtype=torch.bool) if attention_mask is None else attention_mask[:, -seq:].bool()
-        rows = torch.arange(seq, device=device).expand(batch, seq)
-        key_order = torch.cat([rows, self.proxy_source], dim=1)  # (B, T + P)
-        key_kind = torch.cat([kind, torch.full_like(self.proxy_source, PROXY)], dim=1)
-        key_valid = torch.cat([real, proxy_valid], dim=1)
-        query_order = key_order.gather(1, self.query_index)  # (B, Q)
-        query_is_proxy = (key_kind.gather(1, self.query_index) == PROXY)[:, :, None]
-        query_valid = key_valid.gather(1, self.query_index) & torch.cat([text_valid, proxy_valid], dim=1)
-
-        allowed = key_valid[:, None, :] & (key_order[:, None, :] <= query_order[:, :, None])
+    def _attention_mask(self, on_device: dict[str, torch.Tensor], attention_mask, sliding_window) -> torch.Tensor:
+        """(B, 1, Q, T + P), True = attend. Causal by order; text (and newline tokens, computed like text) never sees
+        proxies; proxies see only text and proxies; padding and unused slots attend to themselves only (finite, and
+        never seen by a real query)."""
+        seq, text_slots = self.seq_len, self.num_text_slots
+        key_order, query_order = on_device["key_order"], on_device["query_order"]
+        if attention_mask is None:
+            key_valid = torch.cat([torch.ones_like(key_order[:, :seq], dtype=torch.bool), on_device["proxy_valid"]], 1)
+        else:
+            key_valid = torch.cat([attention_mask[:, -seq:].bool(), on_device["proxy_valid"]], dim=1)
+        query_valid = key_valid.gather(1, self.query_index) & on_device["slot_valid"]
+        query_order = query_order.masked_fill(~query_valid, -1)  # sees no key until its own is set below
+        allowed = key_order[:, None, :] <= query_order[:, :, None]  # (B, Q, T + P)
         if sliding_window is not None:
             allowed &= (query_order[:, :, None] - key_order[:, None, :]) < sliding_window
-        # Text (and newline tokens, computed like text) never sees proxies; proxies see only text and proxies.
-        key_kind = key_kind[:, None, :]
-        allowed &= torch.where(query_is_proxy, (key_kind == TEXT) | (key_kind == PROXY), key_kind != PROXY)
-        # Padding and unused slots attend to themselves only: finite, and never seen by a real query.
-        own = torch.arange(seq + self.num_proxies, device=device) == self.query_index[:, :, None]
-        allowed = torch.where(query_valid[:, :, None], allowed, own)
-        return allowed[:, None]  # (B, 1, Q, T + P), True = attend
+        allowed[:, :text_slots, seq:] = False
+        allowed[:, :text_slots, :seq] &= key_valid[:, None, :seq]
+        allowed[:, text_slots:] &= (key_valid & on_device["proxy_sees"])[:, None, :]
+        allowed.scatter_(2, self.query_index[:, :, None], True)  # a valid query already sees itself
+        return allowed[:, None]
 
     def assemble(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
         """The layer's output rows (B, T+P, H) from the query slots' (B, Q, H) and the vision slots' (B, V, H)."""
@@ -341,7 +385,7 @@ class ProxyVPlan:
         out.index_copy_(0, self.vision_rows, vision.reshape(-1, width))
         return out.view(batch, -1, width)
 
-    def _learned_layout(self, groups, vision, proxies: int, num_vision: int, count: int, device) -> None:
+    def _learned_layout(self, groups, vision, proxies: int, num_vision: int, count: int) -> dict[str, torch.Tensor]:
         """Index tensors of learned proxies: every grid's tokens padded to the longest grid (G, N), its proxy slots,
         and for every vision slot its place in that padded layout."""
         longest = max(len(rows) for rows, _ in groups)
@@ -360,9 +404,8 @@ class ProxyVPlan:
                 to_layout[b, position : position + size] = g * longest + torch.arange(size)
                 position += size
                 g += 1
-        self.learned_rows, self.learned_valid = token_rows.reshape(-1).to(device), valid.to(device)
-        self.learned_slots, self.learned_back_rows = slots.to(device), to_layout.reshape(-1).to(device)
-        self.learned_back: torch.Tensor | None = None
+        return {"learned_rows": token_rows.reshape(-1), "learned_valid": valid, "learned_slots": slots,
+                "learned_back_rows": to_layout.reshape(-1)}
 
     def context(self, features: torch.Tensor) -> torch.Tensor:
         """Per-proxy features (B, P, I) -> per-vision-token context (B, V, I): each token's proxy (spatial) or the

@@ -287,6 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-n", type=int, default=150, help="validation examples for the periodic check")
     parser.add_argument("--layers", type=int, default=ModelShape.layers)
     parser.add_argument("--hidden", type=int, default=ModelShape.hidden)
+    parser.add_argument("--heads", type=int, default=ModelShape.heads)
     parser.add_argument("--ffn", type=int, default=ModelShape.ffn)
     parser.add_argument("--vision-layers", type=int, default=ModelShape.vision_layers)
     return parser.parse_args(argv)
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     started = time.time()
     processor = build_processor()
-    shape = ModelShape(hidden=args.hidden, layers=args.layers, ffn=args.ffn, vision_layers=args.vision_layers)
+    shape = ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads, ffn=args.ffn,
+                       vision_layers=args.vision_layers)
     previous: dict = {}
     if args.resume:  # stage 2 goes on from a saved model, on training data it has not seen
         model = LlavaForConditionalGeneration.from_pretrained(args.resume)
