@@ -29,15 +29,15 @@ def test_main_command_runs_the_built_in_model(tmp_path):
     result = subprocess.run([sys.executable, "-m", "proxyv_convert.cli", *command.split()[1:]], cwd=tmp_path,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    folder = tmp_path / "llava-shapes-proxyv-l3"
+    folder = tmp_path / "llava-shapes-proxyv-l2"
     for name in ("config.json", "modeling_proxyv.py", "model-proxyv.safetensors", "recipe.yaml",
                  "distill_report.json", "eval_report.json", "bench_report.json", "run_state.json"):
         assert (folder / name).is_file(), name
     distill = json.loads((folder / "distill_report.json").read_text())
-    assert distill["steps"] == 600 and distill["after"]["cosine_vision"] > distill["before"]["cosine_vision"]
+    assert distill["steps"] == 1800 and distill["after"]["cosine_vision"] > distill["before"]["cosine_vision"]
     evaluation = json.loads((folder / "eval_report.json").read_text())
     assert evaluation["n"] == 600 and evaluation["agreement"] > 0.9
     summary = result.stdout
     assert "Ran convert, distill, eval, bench" in summary and f"the model is in {folder.name}" in summary
     assert "answer_agreement:" in summary and "accuracy:" in summary and "prefill_speedup:" in summary
-    assert "Next: proxyv push llava-shapes-proxyv-l3" in summary
+    assert "Next: proxyv push llava-shapes-proxyv-l2" in summary

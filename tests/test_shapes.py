@@ -136,3 +136,28 @@ def test_shipped_model_fails_on_noise_images(shipped):
     result = evaluate(model, "shapes", limit=SUBSET, processor=processor, noise_images=True, progress=False)
     # Without the image the best guess per kind ("nothing", "1", one of the two named objects) gets about a third.
     assert result.accuracy <= 0.6, result.summary()
+
+
+def test_drop_layer_leaves_a_working_smaller_model():
+    from proxyv_convert.shapes.train import ModelShape, drop_layer, llava_config
+
+    torch.manual_seed(0)
+    processor = build_processor()
+    model = LlavaForConditionalGeneration(llava_config(ModelShape(layers=3, hidden=32, ffn=64), processor)).eval()
+    layers = model.model.language_model.layers
+    kept = [layers[0].mlp.up_proj.weight.clone(), layers[2].mlp.up_proj.weight.clone()]
+    drop_layer(model, 1)
+    layers = model.model.language_model.layers
+    assert len(layers) == model.config.text_config.num_hidden_layers == 2
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1]
+    assert all(torch.equal(layer.mlp.up_proj.weight, w) for layer, w in zip(layers, kept, strict=True))
+    # Cached generation uses the renumbered layers: it must match recomputing the whole sequence each step.
+    scene, (question,) = generate("test", 0)
+    prompt = processor.apply_chat_template(prompt_messages(question.question), add_generation_prompt=True)
+    inputs = processor(images=[render(scene)], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    with pytest.raises(SystemExit, match="--drop-layer 5: the model has 2 decoder layers"):
+        drop_layer(model, 5)
