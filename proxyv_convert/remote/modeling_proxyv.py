@@ -225,6 +225,7 @@ class ProxyVPlan:
         attention_mask: torch.Tensor | None,
         grids: list[list[ProxyVGrid]],
         *,
+        device: torch.device,
         factor: int,
         start_layer: int,
         num_layers: int,
@@ -232,9 +233,9 @@ class ProxyVPlan:
         sliding_window: int | None = None,
         learned: int | None = None,
     ):
-        """`learned`: proxies per grid made by the learned module (else spatial: the grid downsampled by `factor`)."""
+        """`image_mask`: (B, T) on the CPU; the plan's tensors are made for `device`. `learned`: proxies per grid made
+        by the learned module (else spatial: the grid downsampled by `factor`)."""
         batch, seq = image_mask.shape
-        device = image_mask.device
         self.modules = modules
         self.learned = learned is not None
         self.start_layer, self.last_layer = start_layer, num_layers - 1
@@ -273,17 +274,17 @@ class ProxyVPlan:
             sources.append(torch.cat(srcs) if srcs else empty)
 
         def padded(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """(B, longest) items padded with 0, which entries are real, and each item's length."""
+            """(B, longest) items padded with 0, and which entries are real."""
             out = nn.utils.rnn.pad_sequence(items, batch_first=True)
             lengths = torch.tensor([len(item) for item in items])
-            return out, torch.arange(out.shape[1]) < lengths[:, None], lengths
+            return out, torch.arange(out.shape[1]) < lengths[:, None]
 
-        vision_index, vision_valid, vision_lengths = padded(vision)
-        upsample_index, _, _ = padded(upsample)
-        proxy_source, proxy_valid, _ = padded(sources)
+        vision_index, vision_valid = padded(vision)
+        upsample_index, _ = padded(upsample)
+        proxy_source, proxy_valid = padded(sources)
         num_vision, proxies = vision_index.shape[1], proxy_source.shape[1]
         # Kind of every row; text slots are the rows that are not vision slots, in order (padded with row 0).
-        kind = torch.where(image_mask.cpu(), NEWLINE, TEXT)  # (B, T)
+        kind = torch.where(image_mask, NEWLINE, TEXT)  # (B, T)
         kind.view(-1)[(vision_index + torch.arange(batch)[:, None] * seq)[vision_valid]] = VISION
         is_text = kind != VISION
         text_lengths = is_text.sum(1)
@@ -300,7 +301,6 @@ class ProxyVPlan:
         out_index.scatter_(1, vision_target, (text_slots + proxies + torch.arange(num_vision)).expand(batch, -1))
         out_index[:, seq : seq + proxies] = torch.arange(text_slots, text_slots + proxies)
         out_index = out_index[:, :-1]
-        vision_lengths = vision_lengths.tolist()
 
         # The shape groups of make_proxies: flat source rows and flat proxy slots of every grid of one shape.
         host: dict[str, torch.Tensor] = {}
@@ -347,7 +347,7 @@ class ProxyVPlan:
         self.out_rows, self.upsample_rows = on_device["out_rows"], on_device["upsample_rows"]
         self.num_vision = num_vision
         # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
-        self.dense = bool(text_valid.all() and proxy_valid.all()) and min(vision_lengths) == num_vision
+        self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
 
         self.mask = self._attention_mask(on_device, attention_mask, sliding_window)
         self._rope_source: torch.Tensor | None = None
@@ -585,6 +585,7 @@ class ProxyVModelMixin:
 
     def _make_plan(self, arguments: dict) -> ProxyVPlan | None:
         image_mask = self._image_token_mask(arguments.get("input_ids"), arguments.get("inputs_embeds"))
+        device, image_mask = image_mask.device, image_mask.cpu()  # the one device-to-host copy of a forward
         if not bool(image_mask.any()):
             return None
         if arguments.get("output_attentions") or self.config.output_attentions:
@@ -603,7 +604,8 @@ class ProxyVModelMixin:
         return ProxyVPlan(
             image_mask,
             attention_mask,
-            self._image_grids(image_mask.cpu(), arguments),
+            self._image_grids(image_mask, arguments),
+            device=device,
             factor=self.config.proxyv_reduce_factor,
             start_layer=self.config.proxyv_start_layer,
             num_layers=text.num_hidden_layers,

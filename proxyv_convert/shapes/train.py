@@ -227,7 +227,7 @@ def drop_layer(model: LlavaForConditionalGeneration, index: int) -> None:
     text = model.config.text_config
     text.num_hidden_layers = len(layers)
     if getattr(text, "layer_types", None):
-        text.layer_types = text.layer_types[: len(layers)]
+        text.layer_types = [kind for i, kind in enumerate(text.layer_types) if i != index]
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
