@@ -23,6 +23,7 @@ import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,12 +43,6 @@ TEXT, VISION, PROXY, NEWLINE = 0, 1, 2, 3  # NEWLINE: an image token outside eve
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x: (B, L, D), index: (B, K) -> (B, K, D)."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def flat_rows(index: torch.Tensor, rows: int) -> torch.Tensor:
-    """(B, K) row indices into (B, rows, D) -> (B*K,) indices into its (B*rows, D) view."""
-    offsets = torch.arange(index.shape[0], device=index.device)[:, None] * rows
-    return (index + offsets).reshape(-1)
 
 
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -203,11 +198,28 @@ class ProxyVGrid:
     width: int
     stride: int
 
-    def rows(self) -> torch.Tensor:
-        return (self.start + torch.arange(self.height)[:, None] * self.stride + torch.arange(self.width)).reshape(-1)
+    def rows(self) -> np.ndarray:
+        return (self.start + np.arange(self.height)[:, None] * self.stride + np.arange(self.width)).reshape(-1)
 
     def proxy_shape(self, factor: int) -> tuple[int, int]:
         return -(-self.height // factor), -(-self.width // factor)  # ceil: a partial block still gets a proxy
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def padded(items: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, longest) int64 items padded with 0, and which entries are real."""
+    lengths = np.array([len(item) for item in items])
+    valid = np.arange(lengths.max(initial=0)) < lengths[:, None]
+    out = np.zeros(valid.shape, dtype=np.int64)
+    out[valid] = np.concatenate(items) if items else _EMPTY
+    return out, valid
+
+
+def flat_rows(index: np.ndarray, rows: int) -> np.ndarray:
+    """(B, K) row indices into (B, rows, D) -> (B*K,) indices into its (B*rows, D) view."""
+    return (index + np.arange(index.shape[0])[:, None] * rows).reshape(-1)
 
 
 class ProxyVPlan:
@@ -217,6 +229,9 @@ class ProxyVPlan:
     proxies (each sample's grids' proxies, padded to the longest sample). Queries are `Qt` text slots (text tokens,
     including image tokens outside any grid such as newline tokens, which are computed like text) followed by the P
     proxy slots; slots that a sample does not use are computed and discarded.
+
+    The index arithmetic runs on the host in NumPy (an operation there costs a fraction of a torch CPU operator's
+    dispatch); the results go to the device in one copy per dtype.
     """
 
     def __init__(
@@ -233,91 +248,83 @@ class ProxyVPlan:
         sliding_window: int | None = None,
         learned: int | None = None,
     ):
-        """`image_mask`: (B, T) on the CPU; the plan's tensors are made for `device`. `learned`: proxies per grid made
-        by the learned module (else spatial: the grid downsampled by `factor`)."""
+        """`image_mask`: (B, T) on the CPU; `attention_mask`: None or (B, T') of ones and zeros on the CPU, its last T
+        columns are the prompt's; the plan's tensors are made for `device`. `learned`: proxies per grid made by the
+        learned module (else spatial: the grid downsampled by `factor`)."""
         batch, seq = image_mask.shape
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -seq:].bool().numpy()
         self.modules = modules
         self.learned = learned is not None
         self.start_layer, self.last_layer = start_layer, num_layers - 1
         self.seq_len = seq
 
-        # Per sample, on the CPU: the grid rows (vision slots), each vision slot's proxy, the proxies' source rows.
-        # Index patterns are made once per grid shape and shifted to each grid's place.
-        patterns: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # Per sample: the grid rows (vision slots), each vision slot's proxy, the proxies' source rows. Index patterns
+        # are made once per grid shape and shifted to each grid's place.
+        patterns: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         vision, upsample, sources = [], [], []
-        shape_groups: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        learned_groups = []  # (flat token rows, flat proxy slots) of every grid, for learned proxies
-        empty = torch.zeros(0, dtype=torch.long)
+        # Per grid shape (spatial) or for all grids (learned): each grid's flat token rows, sample and first proxy slot.
+        groups: dict[tuple[int, int], list[tuple[np.ndarray, int, int]]] = {}
         for b, sample_grids in enumerate(grids):
             rows, ups, srcs, offset = [], [], [], 0
             for grid in sample_grids:
                 ph, pw = grid.proxy_shape(factor) if learned is None else (1, learned)
                 key = (grid.height, grid.width, grid.stride, ph, pw)
                 if key not in patterns:
-                    cell_i = torch.arange(grid.height)[:, None] * ph // grid.height  # nearest: floor(i * ph / h)
-                    cell_j = torch.arange(grid.width) * pw // grid.width
+                    cell_i = np.arange(grid.height)[:, None] * ph // grid.height  # nearest: floor(i * ph / h)
+                    cell_j = np.arange(grid.width) * pw // grid.width
                     patterns[key] = (ProxyVGrid(0, grid.height, grid.width, grid.stride).rows(),
-                                     (cell_i * pw + cell_j).reshape(-1), torch.arange(ph * pw))
+                                     (cell_i * pw + cell_j).reshape(-1), np.arange(ph * pw))
                 grid_rows, grid_ups, proxy_range = patterns[key]
                 rows.append(grid.start + grid_rows)
                 ups.append(offset + grid_ups)
                 srcs.append(grid.start + proxy_range)
-                if learned is None:
-                    sources_group, slots_group = shape_groups.setdefault((grid.height, grid.width), ([], []))
-                    sources_group.append(b * seq + rows[-1])
-                    slots_group.append((b, offset))
-                else:
-                    learned_groups.append((b * seq + rows[-1], (b, offset)))
+                group = (grid.height, grid.width) if learned is None else (0, 0)
+                groups.setdefault(group, []).append((b * seq + rows[-1], b, offset))
                 offset += ph * pw
-            vision.append(torch.cat(rows) if rows else empty)
-            upsample.append(torch.cat(ups) if ups else empty)
-            sources.append(torch.cat(srcs) if srcs else empty)
-
-        def padded(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """(B, longest) items padded with 0, and which entries are real."""
-            out = nn.utils.rnn.pad_sequence(items, batch_first=True)
-            lengths = torch.tensor([len(item) for item in items])
-            return out, torch.arange(out.shape[1]) < lengths[:, None]
+            vision.append(np.concatenate(rows) if rows else _EMPTY)
+            upsample.append(np.concatenate(ups) if ups else _EMPTY)
+            sources.append(np.concatenate(srcs) if srcs else _EMPTY)
 
         vision_index, vision_valid = padded(vision)
         upsample_index, _ = padded(upsample)
         proxy_source, proxy_valid = padded(sources)
         num_vision, proxies = vision_index.shape[1], proxy_source.shape[1]
+        vision_sample, vision_slot = np.nonzero(vision_valid)
         # Kind of every row; text slots are the rows that are not vision slots, in order (padded with row 0).
-        kind = torch.where(image_mask, NEWLINE, TEXT)  # (B, T)
-        kind.view(-1)[(vision_index + torch.arange(batch)[:, None] * seq)[vision_valid]] = VISION
+        kind = np.where(image_mask.numpy(), NEWLINE, TEXT)  # (B, T)
+        kind[vision_sample, vision_index[vision_valid]] = VISION
         is_text = kind != VISION
         text_lengths = is_text.sum(1)
         text_slots = int(text_lengths.max())
-        text_index = torch.argsort((~is_text).to(torch.uint8), dim=1, stable=True)[:, :text_slots]
-        text_valid = torch.arange(text_slots) < text_lengths[:, None]
-        text_index = text_index.masked_fill(~text_valid, 0)
+        text_index = np.argsort(~is_text, axis=1, kind="stable")[:, :text_slots]
+        text_valid = np.arange(text_slots) < text_lengths[:, None]
+        text_index[~text_valid] = 0
         self.num_proxies, self.num_text_slots = proxies, text_slots
-        # Row r of a layer's output is row out_index[r] of cat([text slots, proxy slots, vision slots]); a last
-        # column takes the writes of padded vision slots and is dropped.
-        out_index = torch.zeros(batch, seq + proxies + 1, dtype=torch.long)
+        # Row r of a layer's output is row out_index[r] of cat([text slots, proxy slots, vision slots]).
+        out_index = np.empty((batch, seq + proxies), dtype=np.int64)
         out_index[:, :seq] = is_text.cumsum(1) - 1
-        vision_target = torch.where(vision_valid, vision_index, seq + proxies)
-        out_index.scatter_(1, vision_target, (text_slots + proxies + torch.arange(num_vision)).expand(batch, -1))
-        out_index[:, seq : seq + proxies] = torch.arange(text_slots, text_slots + proxies)
-        out_index = out_index[:, :-1]
+        out_index[vision_sample, vision_index[vision_valid]] = text_slots + proxies + vision_slot
+        out_index[:, seq:] = np.arange(text_slots, text_slots + proxies)
 
-        # The shape groups of make_proxies: flat source rows and flat proxy slots of every grid of one shape.
-        host: dict[str, torch.Tensor] = {}
+        # The grid groups of make_proxies: flat source rows and flat proxy slots of every grid of one shape.
+        host: dict[str, np.ndarray] = {}
         group_shapes = []
-        for g, ((height, width), (group_rows, group_slots)) in enumerate(shape_groups.items()):
-            ph, pw = ProxyVGrid(0, height, width, width).proxy_shape(factor)
-            group_shapes.append(((height, width), (ph, pw)))
-            host[f"group_rows{g}"] = torch.cat(group_rows)
-            slots = [b * proxies + offset + torch.arange(ph * pw) for b, offset in group_slots]
-            host[f"group_slots{g}"] = torch.cat(slots)
-        if self.learned:
-            host.update(self._learned_layout(learned_groups, vision, proxies, num_vision, learned))
+        for g, ((height, width), members) in enumerate(groups.items()):
+            if learned is None:
+                proxy_shape = ProxyVGrid(0, height, width, width).proxy_shape(factor)
+                group_shapes.append(((height, width), proxy_shape))
+                count = proxy_shape[0] * proxy_shape[1]
+                host[f"group_rows{g}"] = np.concatenate([rows for rows, _, _ in members])
+                host[f"group_slots{g}"] = np.concatenate(
+                    [b * proxies + offset + np.arange(count) for _, b, offset in members])
+            else:
+                host.update(self._learned_layout(members, vision, proxies, num_vision, learned))
 
-        query_index = torch.cat([text_index, torch.arange(seq, seq + proxies).expand(batch, proxies)], 1)
-        proxy_source = proxy_source.clamp(max=seq - 1)  # causal order and RoPE position of each proxy
+        query_index = np.concatenate([text_index, np.broadcast_to(np.arange(seq, seq + proxies), (batch, proxies))], 1)
+        proxy_source = np.minimum(proxy_source, seq - 1)  # causal order and RoPE position of each proxy
         # Each key's causal order and each query's; whether a key is one a proxy may see (text or proxy).
-        key_order = torch.cat([torch.arange(seq).expand(batch, seq), proxy_source], dim=1)  # (B, T + P)
+        key_order = np.concatenate([np.broadcast_to(np.arange(seq), (batch, seq)), proxy_source], axis=1)  # (B, T+P)
         rows = seq + proxies
         host.update(
             query_index=query_index,  # (B, Q)
@@ -327,13 +334,21 @@ class ProxyVPlan:
             vision_rows=flat_rows(vision_index, rows),
             out_rows=flat_rows(out_index, text_slots + proxies + num_vision),
             upsample_rows=flat_rows(upsample_index, proxies),  # vision slot -> proxy slot, (B*V,)
-            key_order=key_order,
-            query_order=key_order.gather(1, query_index),
-            proxy_sees=torch.cat([kind == TEXT, torch.ones(batch, proxies, dtype=torch.bool)], dim=1),
-            slot_valid=torch.cat([text_valid, proxy_valid], dim=1),
-            proxy_valid=proxy_valid,
         )
-        on_device = to_device(host, device)  # one host-to-device copy per dtype
+        self.num_vision = num_vision
+        host["mask"] = self._attention_mask(
+            {
+                "key_order": key_order,
+                "query_index": query_index,
+                "query_order": np.take_along_axis(key_order, query_index, axis=1),
+                "proxy_sees": np.concatenate([kind == TEXT, np.ones((batch, proxies), dtype=bool)], axis=1),
+                "slot_valid": np.concatenate([text_valid, proxy_valid], axis=1),
+                "proxy_valid": proxy_valid,
+            },
+            attention_mask,
+            sliding_window,
+        )
+        on_device = to_device({name: torch.from_numpy(array) for name, array in host.items()}, device)
         self.proxy_groups = [
             (shape, proxy_shape, on_device[f"group_rows{g}"], on_device[f"group_slots{g}"])
             for g, (shape, proxy_shape) in enumerate(group_shapes)
@@ -345,33 +360,30 @@ class ProxyVPlan:
         self.query_index, self.proxy_source = on_device["query_index"], on_device["proxy_source"]
         self.query_rows, self.vision_rows = on_device["query_rows"], on_device["vision_rows"]
         self.out_rows, self.upsample_rows = on_device["out_rows"], on_device["upsample_rows"]
-        self.num_vision = num_vision
+        self.mask = on_device["mask"]
         # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
         self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
-
-        self.mask = self._attention_mask(on_device, attention_mask, sliding_window)
         self._rope_source: torch.Tensor | None = None
         self._rope: tuple[torch.Tensor, ...] = ()
 
-    def _attention_mask(self, on_device: dict[str, torch.Tensor], attention_mask, sliding_window) -> torch.Tensor:
+    def _attention_mask(self, host: dict[str, np.ndarray], attention_mask, sliding_window) -> np.ndarray:
         """(B, 1, Q, T + P), True = attend. Causal by order; text (and newline tokens, computed like text) never sees
         proxies; proxies see only text and proxies; padding and unused slots attend to themselves only (finite, and
         never seen by a real query)."""
         seq, text_slots = self.seq_len, self.num_text_slots
-        key_order, query_order = on_device["key_order"], on_device["query_order"]
-        if attention_mask is None:
-            key_valid = torch.cat([torch.ones_like(key_order[:, :seq], dtype=torch.bool), on_device["proxy_valid"]], 1)
-        else:
-            key_valid = torch.cat([attention_mask[:, -seq:].bool(), on_device["proxy_valid"]], dim=1)
-        query_valid = key_valid.gather(1, self.query_index) & on_device["slot_valid"]
-        query_order = query_order.masked_fill(~query_valid, -1)  # sees no key until its own is set below
+        key_order, query_index = host["key_order"], host["query_index"]
+        batch = key_order.shape[0]
+        sequence_valid = np.ones((batch, seq), dtype=bool) if attention_mask is None else attention_mask
+        key_valid = np.concatenate([sequence_valid, host["proxy_valid"]], axis=1)  # (B, T + P)
+        query_valid = np.take_along_axis(key_valid, query_index, axis=1) & host["slot_valid"]
+        query_order = np.where(query_valid, host["query_order"], -1)  # sees no key until its own is set below
         allowed = key_order[:, None, :] <= query_order[:, :, None]  # (B, Q, T + P)
         if sliding_window is not None:
             allowed &= (query_order[:, :, None] - key_order[:, None, :]) < sliding_window
         allowed[:, :text_slots, seq:] = False
         allowed[:, :text_slots, :seq] &= key_valid[:, None, :seq]
-        allowed[:, text_slots:] &= (key_valid & on_device["proxy_sees"])[:, None, :]
-        allowed.scatter_(2, self.query_index[:, :, None], True)  # a valid query already sees itself
+        allowed[:, text_slots:] &= (key_valid & host["proxy_sees"])[:, None, :]
+        np.put_along_axis(allowed, query_index[:, :, None], True, axis=2)  # a valid query already sees itself
         return allowed[:, None]
 
     def assemble(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
@@ -384,25 +396,18 @@ class ProxyVPlan:
         out.index_copy_(0, self.vision_rows, vision.reshape(-1, width))
         return out.view(batch, -1, width)
 
-    def _learned_layout(self, groups, vision, proxies: int, num_vision: int, count: int) -> dict[str, torch.Tensor]:
-        """Index tensors of learned proxies: every grid's tokens padded to the longest grid (G, N), its proxy slots,
+    def _learned_layout(self, members, vision, proxies: int, num_vision: int, count: int) -> dict[str, np.ndarray]:
+        """Index arrays of learned proxies: every grid's tokens padded to the longest grid (G, N), its proxy slots,
         and for every vision slot its place in that padded layout."""
-        longest = max(len(rows) for rows, _ in groups)
-        token_rows = torch.zeros(len(groups), longest, dtype=torch.long)
-        valid = torch.zeros(len(groups), longest, dtype=torch.bool)
-        for g, (rows, _) in enumerate(groups):
-            token_rows[g, : len(rows)], valid[g, : len(rows)] = rows, True
-        slots = torch.cat([b * proxies + offset + torch.arange(count) for _, (b, offset) in groups])
+        token_rows, valid = padded([rows for rows, _, _ in members])
+        longest = token_rows.shape[1]
+        slots = np.concatenate([b * proxies + offset + np.arange(count) for _, b, offset in members])
         # Vision slots list each sample's grids in order, so the padded layout maps back slot by slot.
-        to_layout = torch.zeros(len(vision), num_vision, dtype=torch.long)
-        g = 0
-        for b, sample_rows in enumerate(vision):
-            position = 0
-            while position < len(sample_rows):
-                size = int(valid[g].sum())
-                to_layout[b, position : position + size] = g * longest + torch.arange(size)
-                position += size
-                g += 1
+        to_layout = np.zeros((len(vision), num_vision), dtype=np.int64)
+        position = np.zeros(len(vision), dtype=np.int64)
+        for g, (rows, b, _) in enumerate(members):
+            to_layout[b, position[b] : position[b] + len(rows)] = g * longest + np.arange(len(rows))
+            position[b] += len(rows)
         return {"learned_rows": token_rows.reshape(-1), "learned_valid": valid, "learned_slots": slots,
                 "learned_back_rows": to_layout.reshape(-1)}
 
@@ -585,9 +590,17 @@ class ProxyVModelMixin:
 
     def _make_plan(self, arguments: dict) -> ProxyVPlan | None:
         image_mask = self._image_token_mask(arguments.get("input_ids"), arguments.get("inputs_embeds"))
-        device, image_mask = image_mask.device, image_mask.cpu()  # the one device-to-host copy of a forward
+        attention_mask = arguments.get("attention_mask")
+        device, seq = image_mask.device, image_mask.shape[1]
+        two_d = attention_mask is not None and attention_mask.dim() == 2
+        # The one device-to-host copy of a forward: the image-token mask and the prompt's attention mask together.
+        masks = torch.cat([image_mask, attention_mask[:, -seq:].bool()]) if two_d else image_mask
+        masks = masks.cpu()
+        image_mask = masks[: len(image_mask)]
         if not bool(image_mask.any()):
             return None
+        if attention_mask is not None and not two_d:
+            raise ValueError("ProxyV takes a 2-D attention mask (batch, sequence) of ones and zeros")
         if arguments.get("output_attentions") or self.config.output_attentions:
             raise ValueError("output_attentions is not available with ProxyV on; use `with model.proxyv_disabled():`")
         cache = arguments.get("cache", arguments.get("past_key_values"))
@@ -596,23 +609,27 @@ class ProxyVModelMixin:
                 "ProxyV prefills images only at the start of a sequence (the cache already holds "
                 f"{cache.get_seq_length()} tokens); pass the whole prompt in one call"
             )
-        attention_mask = arguments.get("attention_mask")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("ProxyV takes a 2-D attention mask (batch, sequence) of ones and zeros")
-        text = self.config.text_config
-        window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+        attention_mask = masks[len(image_mask) :] if two_d else None
         return ProxyVPlan(
-            image_mask,
-            attention_mask,
-            self._image_grids(image_mask, arguments),
-            device=device,
-            factor=self.config.proxyv_reduce_factor,
-            start_layer=self.config.proxyv_start_layer,
-            num_layers=text.num_hidden_layers,
-            modules=self.proxyv,
-            sliding_window=window,
-            learned=self.config.proxyv_learned_proxies if self.config.proxyv_proxy == "learned" else None,
+            image_mask, attention_mask, self._image_grids(image_mask, arguments), device=device, modules=self.proxyv,
+            **self._plan_settings(),
         )
+
+    def _plan_settings(self) -> dict:
+        """The plan's settings from the config, read once per model (a config attribute read costs microseconds, and
+        a plan needs a dozen of them)."""
+        settings = self.__dict__.get("_proxyv_plan_settings")
+        if settings is None:
+            config, text = self.config, self.config.text_config
+            settings = self._proxyv_plan_settings = {
+                "factor": config.proxyv_reduce_factor,
+                "start_layer": config.proxyv_start_layer,
+                "num_layers": text.num_hidden_layers,
+                "sliding_window": getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True)
+                else None,
+                "learned": config.proxyv_learned_proxies if config.proxyv_proxy == "learned" else None,
+            }
+        return settings
 
     def forward(self, *args, **kwargs):
         if not self.proxyv_active:
@@ -646,7 +663,7 @@ class ProxyVHeadMixin:
         return ((f"model.proxyv.{name}", p) for name, p in self.model.proxyv.named_parameters())
 
 
-def contiguous_images(rows: torch.Tensor, sizes: list[int]) -> list[int]:
+def contiguous_images(rows: np.ndarray, sizes: list[int]) -> list[int]:
     """Start rows of consecutive images of `sizes` tokens among the image-token `rows` of one prompt."""
     starts, position = [], 0
     for size in sizes:
@@ -676,11 +693,15 @@ class ProxyVLlavaModel(ProxyVModelMixin, ProxyVLlavaPreTrainedModel, LlavaModel)
     def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
         """Each prompt's images: runs of grid x grid image tokens, one image after another (learned proxies take any
         number of tokens per image, as one row)."""
-        side, per_image = vision_grid(self.config)
-        height, width = (side, side) if self.config.proxyv_proxy == "spatial" else (1, per_image)
+        shape = self.__dict__.get("_proxyv_grid_shape")
+        if shape is None:  # read from the config once per model
+            side, per_image = vision_grid(self.config)
+            spatial = self.config.proxyv_proxy == "spatial"
+            shape = self._proxyv_grid_shape = ((side, side) if spatial else (1, per_image)), per_image
+        (height, width), per_image = shape
         grids = []
-        for sample in image_mask:
-            rows = torch.nonzero(sample).reshape(-1)
+        for sample in image_mask.numpy():
+            rows = np.flatnonzero(sample)
             if len(rows) % per_image:
                 raise ValueError(
                     f"ProxyV needs whole images of {per_image} image tokens in one forward, but a prompt has "
@@ -747,10 +768,15 @@ class ProxyVLlavaNextModel(ProxyVModelMixin, ProxyVLlavaNextPreTrainedModel, Lla
             image_sizes = getattr(encoded, "proxyv_image_sizes", None)
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT prompts with images need `image_sizes` (the processor returns them)")
-        layouts = [self.image_layout(size) for size in torch.as_tensor(image_sizes).tolist()]
+        known = self.__dict__.setdefault("_proxyv_layouts", {})  # image size -> layout, read from the config once
+        layouts = []
+        for size in torch.as_tensor(image_sizes).tolist():
+            if tuple(size) not in known:
+                known[tuple(size)] = self.image_layout(size)
+            layouts.append(known[tuple(size)])
         grids, image = [], 0
-        for sample in image_mask:
-            rows = torch.nonzero(sample).reshape(-1)
+        for sample in image_mask.numpy():
+            rows = np.flatnonzero(sample)
             sizes, total = [], 0
             while total < len(rows):
                 if image == len(layouts):
