@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="Same as --modes compile.")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA).")
     parser.add_argument("--no-whole-model", action="store_true", help="Time only the language model.")
+    parser.add_argument("--separate-projections", action="store_true",
+                        help="Keep k/v and gate/up as separate products in the ProxyV layers (the model fuses them).")
     parser.add_argument("--json", help="Also write the reports to this file.")
     args = parser.parse_args(argv)
     if args.compile:
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     for start_layer in args.start_layers:
         started = time.perf_counter()
         model = random_model(args, start_layer)
+        if args.separate_projections:
+            model.fuse_projections(False)
         print(f"model built in {time.perf_counter() - started:.0f} s", flush=True)
         for mode in args.modes:
             started = time.perf_counter()

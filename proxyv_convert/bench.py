@@ -64,6 +64,7 @@ class BenchReport:
     reduce_factor: int
     repeats: int
     command: str = ""
+    projections: str = ""  # the ProxyV layers' k/v and gate/up products: "fused" or "separate"
     cases: list[BenchCase] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -392,13 +393,16 @@ def bench(
                     side: peak_memory_mb(partial(plain.lm_prefill, on), device) for side, on in sides.items()
                 }
             report.cases.append(case)
+    fused = any(layer.__dict__.get("_proxyv_fused") for layer in model.model.language_model.layers)
+    report.projections = "fused" if fused else "separate"
     return report
 
 
 def format_report(report: BenchReport) -> str:
     lines = [
         f"device {report.device}, {report.dtype}, {report.mode}, ProxyV from layer {report.start_layer}, "
-        f"reduce factor {report.reduce_factor}, median of {report.repeats} interleaved repeats",
+        f"reduce factor {report.reduce_factor}, {report.projections or 'separate'} k/v and gate/up products, "
+        f"median of {report.repeats} interleaved repeats",
         f"{'batch':>5} {'images':>6} {'tokens':>6} {'GFLOPs off':>10} {'FLOPs ratio':>11} {'LM off ms':>9} "
         f"{'LM ProxyV ms':>12} {'LM ratio':>8} {'ratio/FLOPs':>11} {'model ratio':>11} {'decode ratio':>12}",
     ]

@@ -133,27 +133,84 @@ def test_fresh_conversion_passes_vision_states_through(source):
     assert not torch.equal(hidden[start + 1][0, ~vision], hidden[start][0, ~vision])
 
 
-def test_vision_tokens_get_no_query_and_no_ffn(proxyv):
-    """Only text tokens and proxies go through q_proj and the FFN of a ProxyV layer."""
+@pytest.mark.parametrize("grad", [False, True], ids=["fused projections", "separate projections"])
+def test_vision_tokens_get_no_query_and_no_ffn(proxyv, grad):
+    """Only text tokens and proxies go through q_proj and the FFN of a ProxyV layer; keys/values run on every row
+    (without gradients through one fused key/value product, with them through k_proj and v_proj)."""
     rows = {}
     layers = proxyv.model.language_model.layers
     start = proxyv.config.proxyv_start_layer
+    modules = [("q", layers[start].self_attn.q_proj), ("ffn", layers[start].mlp.down_proj),
+               ("k", layers[start].input_layernorm)]
+    if grad:
+        modules += [("k_proj", layers[start].self_attn.k_proj), ("gate", layers[start].mlp.gate_proj)]
     hooks = [
         module.register_forward_hook(lambda m, args, out, key=key: rows.__setitem__(key, args[0].shape[:-1].numel()))
-        for key, module in [("q", layers[start].self_attn.q_proj), ("ffn", layers[start].mlp.gate_proj),
-                            ("k", layers[start].self_attn.k_proj)]
+        for key, module in modules
     ]
     prompt = PROMPTS["one image"]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             proxyv(input_ids=torch.tensor([prompt]), pixel_values=pixel_values_for([prompt]))
     finally:
         for hook in hooks:
             hook.remove()
+    if grad:
+        assert rows.pop("k_proj") == len(prompt) + (GRID // 4) ** 2 and rows.pop("gate") == rows["q"]
     text = len(prompt) - GRID * GRID
     proxies = (GRID // 4) ** 2
     assert rows["q"] == rows["ffn"] == text + proxies
     assert rows["k"] == len(prompt) + proxies
+
+
+def test_fused_projections_share_memory_and_change_no_result(source):
+    """The first ProxyV forward without gradients lays each ProxyV layer's k/v and gate/up weights out in one tensor
+    (the parameters become views of it: nothing is stored twice); the results, the weights and ProxyV off stay as
+    they were; moving the model lays them out again; a weight replaced afterwards is the one used."""
+    model = convert_in_memory(source)
+    start = model.config.proxyv_start_layer
+    layers = model.model.language_model.layers
+    prompts = [PROMPTS["one image"], PROMPTS["two images"]]
+    ids, mask = batch(prompts)
+    pixels = pixel_values_for(prompts)
+
+    def logits(grad: bool = False, dtype=torch.float32) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            return model(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(dtype)).logits.detach()
+
+    def shared(first, second) -> bool:
+        return first.weight.untyped_storage().data_ptr() == second.weight.untyped_storage().data_ptr()
+
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    with model.proxyv_disabled(), torch.no_grad():
+        off = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    separate = logits(grad=True)  # the weights require gradients: k_proj, v_proj, gate_proj, up_proj one by one
+    assert not any(shared(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers)
+    fused = logits()
+    for i, layer in enumerate(layers):
+        assert shared(layer.self_attn.k_proj, layer.self_attn.v_proj) == (i >= start)
+        assert shared(layer.mlp.gate_proj, layer.mlp.up_proj) == (i >= start)
+    assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
+    torch.testing.assert_close(fused, separate)
+    with model.proxyv_disabled(), torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, off)
+
+    model.to(torch.float64)  # new parameter tensors: laid out again
+    assert all(shared(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers[start:])
+    assert layers[start].self_attn.k_proj.weight.dtype == torch.float64
+    torch.testing.assert_close(logits(dtype=torch.float64).float(), separate, atol=1e-4, rtol=1e-4)
+
+    model.fuse_projections(False)  # separate tensors again, and the forward leaves them so
+    assert not any(shared(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers)
+    torch.testing.assert_close(logits(dtype=torch.float64).float(), separate, atol=1e-4, rtol=1e-4)
+    assert not any(shared(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in layers)
+
+    model.fuse_projections()
+    attn = layers[start].self_attn
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach() * 2)
+    replaced = logits(dtype=torch.float64)
+    assert not torch.allclose(replaced.float(), separate, atol=1e-3)
+    torch.testing.assert_close(replaced, logits(grad=True, dtype=torch.float64))
 
 
 # --- ProxyV off is the original model, bit for bit -----------------------------------------------------------------

@@ -477,11 +477,90 @@ def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor) -> 
     return out.transpose(1, 2)
 
 
+def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Lay the weights (and biases) of linear layers that read the same input out in one tensor, each layer's
+    parameter becoming a view of its rows: one matrix product then computes all their outputs, and no weight is
+    stored twice. Returns (weight, bias), or None where they cannot share one tensor (meta weights, different
+    dtypes or devices, some with a bias and some without)."""
+    if any(type(layer) is not nn.Linear for layer in linears):  # e.g. quantized or adapter-wrapped layers
+        return None
+    weights, biases = [layer.weight for layer in linears], [layer.bias for layer in linears]
+    if (
+        any(w.device.type == "meta" for w in weights)
+        or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1
+        or len({b is None for b in biases}) != 1
+    ):
+        return None
+    fused = []
+    for params in (weights, None if biases[0] is None else biases):
+        if params is None:
+            fused.append(None)
+            continue
+        joined = torch.cat([p.detach() for p in params])
+        offset = 0
+        for param in params:
+            param.data = joined[offset : offset + param.shape[0]]
+            offset += param.shape[0]
+        fused.append(joined)
+    return fused[0], fused[1]
+
+
+_FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x))
+
+
 class ProxyVDecoderLayerMixin:
     """Mixed into the backbone's own decoder layer class (parameter names stay the same).
 
     Without a plan (ProxyV off, decoding, text-only prompts) the layer is exactly the original layer.
     """
+
+    def fuse_projections(self, enabled: bool = True) -> None:
+        """Key/value and gate/up weights laid out in one tensor each (see `fuse_linears`), so the ProxyV forward runs
+        one matrix product for each pair. The parameters keep their names, shapes and values; moving the model
+        (`.to()`, `.half()`, ...) lays them out again. `enabled=False` gives each parameter its own tensor again."""
+        attn, mlp = self.self_attn, self.mlp
+        if not enabled:
+            for linear in (attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                for param in (linear.weight, linear.bias):
+                    if param is not None:
+                        param.data = param.data.clone()
+            self._proxyv_fused = None
+            return
+        fused = {"kv": fuse_linears([attn.k_proj, attn.v_proj])}
+        if type(mlp).__name__ in _FUSABLE_MLPS:
+            fused["gate_up"] = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self._proxyv_fused = {name: pair for name, pair in fused.items() if pair is not None}
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if self.__dict__.get("_proxyv_fused") is not None:  # the parameters are new tensors now
+            self.fuse_projections()
+        return result
+
+    def _fused(self, name: str, first: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused weight of `name` if it still holds `first`'s weight and no gradient reaches the weights."""
+        pair = (self.__dict__.get("_proxyv_fused") or {}).get(name)
+        if pair is None or type(first) is not nn.Linear or (torch.is_grad_enabled() and first.weight.requires_grad):
+            return None
+        if not torch.compiler.is_compiling() and first.weight.data_ptr() != pair[0].data_ptr():
+            return None  # the weights were replaced since they were fused
+        return pair
+
+    def _proxyv_kv(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.self_attn
+        pair = self._fused("kv", attn.k_proj)
+        if pair is None:
+            return attn.k_proj(normed), attn.v_proj(normed)
+        key, value = F.linear(normed, *pair).split([attn.k_proj.out_features, attn.v_proj.out_features], dim=-1)
+        return key, value
+
+    def _proxyv_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        pair = self._fused("gate_up", mlp.gate_proj) if type(mlp).__name__ in _FUSABLE_MLPS else None
+        if pair is None:
+            return mlp(x)
+        gate, up = F.linear(x, *pair).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def forward(self, hidden_states: torch.Tensor, *args, proxyv_plan: ProxyVPlan | None = None, **kwargs):
         if proxyv_plan is None:
@@ -501,8 +580,9 @@ class ProxyVDecoderLayerMixin:
         cos_k, sin_k, cos_q, sin_q = plan.rope(position_embeddings)
 
         normed = self.input_layernorm(hidden_states)  # (B, T+P, H)
-        key = attn.k_proj(normed).view(batch, rows, -1, attn.head_dim).transpose(1, 2)  # (B, kv_h, T+P, d)
-        value = attn.v_proj(normed).view(batch, rows, -1, attn.head_dim).transpose(1, 2)
+        key, value = self._proxyv_kv(normed)
+        key = key.reshape(batch, rows, -1, attn.head_dim).transpose(1, 2)  # (B, kv_h, T+P, d)
+        value = value.reshape(batch, rows, -1, attn.head_dim).transpose(1, 2)
         query = attn.q_proj(select_rows(normed, plan.query_rows))
         query = query.view(batch, queries, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
         query, key = apply_rope(query, cos_q, sin_q), apply_rope(key, cos_k, sin_k)
@@ -514,7 +594,7 @@ class ProxyVDecoderLayerMixin:
         attended = proxyv_attention(attn, query, key, value, plan.mask).reshape(batch, queries, -1)
         residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
         out_q = residual + attn.o_proj(attended)
-        out_q = out_q + self.mlp(self.post_attention_layernorm(out_q))
+        out_q = out_q + self._proxyv_mlp(self.post_attention_layernorm(out_q))
 
         vision_mlp = plan.modules.vision_mlps[str(layer_idx)]
         vision = select_rows(hidden_states, plan.vision_rows)  # (B, V, H)
@@ -568,6 +648,15 @@ class ProxyVModelMixin:
     def proxyv_active(self) -> bool:
         return bool(self.config.proxyv_enabled) and not self._proxyv_off
 
+    def fuse_projections(self, enabled: bool = True) -> None:
+        """Lay each ProxyV layer's key/value and gate/up weights out in one tensor each (no copy is kept), so a ProxyV
+        layer runs one matrix product for each pair. The first ProxyV forward without gradients does this unless it
+        was called before; parameter names, shapes and values are unchanged, and so is the model with ProxyV off.
+        `enabled=False` keeps (or puts back) separate weights and separate products."""
+        for layer in self.language_model.layers[self.config.proxyv_start_layer :]:
+            layer.fuse_projections(enabled)
+        self._proxyv_projections_fused = True  # decided: the forward leaves the layout alone
+
     @contextlib.contextmanager
     def proxyv_disabled(self) -> Iterator[None]:
         """Within this block the model computes exactly what the original LLaVA model computes."""
@@ -610,6 +699,8 @@ class ProxyVModelMixin:
                 f"{cache.get_seq_length()} tokens); pass the whole prompt in one call"
             )
         attention_mask = masks[len(image_mask) :] if two_d else None
+        if not torch.is_grad_enabled() and not self.__dict__.get("_proxyv_projections_fused"):
+            self.fuse_projections()
         return ProxyVPlan(
             image_mask, attention_mask, self._image_grids(image_mask, arguments), device=device, modules=self.proxyv,
             **self._plan_settings(),
@@ -657,6 +748,10 @@ class ProxyVHeadMixin:
     def proxyv_disabled(self):
         """Within this block the model computes exactly what the original model computes."""
         return self.model.proxyv_disabled()
+
+    def fuse_projections(self, enabled: bool = True) -> None:
+        """See ProxyVModelMixin.fuse_projections."""
+        self.model.fuse_projections(enabled)
 
     def proxyv_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters ProxyV adds (the only ones distillation trains)."""
