@@ -67,14 +67,28 @@ def select_rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, flat_index).view(x.shape[0], -1, x.shape[-1])
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding, x * cos + rotate_half(x) * sin, in three operations: x: (B, heads, L, d); cos and
+    signed_sin (sin with its first half negated, see `ProxyVPlan.rope`): (B, 1, L, d). rotate_half(x) * sin is
+    swap_halves(x) * signed_sin."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, L, d); cos/sin: (B, 1, L, d)."""
-    return x * cos + rotate_half(x) * sin
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm (float32 statistics, the weight applied in the input dtype): F.rms_norm computes in float32
+    for lower-precision inputs, and is one fused kernel on CUDA where the written-out form is seven."""
+    return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
+
+
+_LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # all compute rms_norm(x, weight, eps)
+
+
+def backbone_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A decoder layer's own norm, through `rms_norm` where it is Llama's."""
+    if type(norm).__name__ in _LLAMA_NORMS:
+        return rms_norm(x, norm.weight, norm.variance_epsilon)
+    return norm(x)
 
 
 class ProxyVRMSNorm(nn.Module):
@@ -84,9 +98,7 @@ class ProxyVRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Llama's RMSNorm (float32 statistics, weight applied in the input dtype); F.rms_norm is one fused kernel on
-        # CUDA where the written-out form is five.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class ProxyVZeroLinear(nn.Linear):
@@ -120,11 +132,14 @@ class ProxyVVisionMLP(nn.Module):
         # P proxies before they are spread over the V tokens.
         # fuse([own, ctx]) = W_own @ own + W_ctx @ ctx + b; W_ctx is applied to the P proxies before they are spread
         # over the V tokens (spreading is linear), and no concatenated copy is made.
+        # The bias joins the proxies' side (spreading copies it unchanged), and the two additions are the matrix
+        # products' own (addmm).
         width = self.proj_vision.out_features
         w_own, w_ctx = self.fuse.weight[:, :width], self.fuse.weight[:, width:]
-        ctx = context(F.linear(self.proj_proxy(self.norm_proxy(proxies)), w_ctx))  # (B, V, I)
-        own = F.linear(self.proj_vision(self.norm_vision(vision)), w_own, self.fuse.bias)  # (B, V, I)
-        return vision + self.out(F.silu(own + ctx))  # (B, V, H)
+        ctx = context(F.linear(self.proj_proxy(self.norm_proxy(proxies)), w_ctx, self.fuse.bias))  # (B, V, I)
+        own = self.proj_vision(self.norm_vision(vision)).reshape(-1, width)  # (B*V, I)
+        fused = F.silu(torch.addmm(ctx.reshape(-1, width), own, w_own.t()))  # (B*V, I)
+        return torch.addmm(vision.reshape(-1, vision.shape[-1]), fused, self.out.weight.t()).view(vision.shape)
 
 
 class ProxyVLearnedProxies(nn.Module):
@@ -442,12 +457,15 @@ class ProxyVPlan:
         return proxies.view(batch, self.num_proxies, width)
 
     def rope(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """(cos, sin) of the T + P key rows and of the query rows, each (B, 1, L, d); computed once per forward."""
+        """(cos, signed sin) of the T + P key rows and of the query rows, each (B, 1, L, d), for `apply_rope`; computed
+        once per forward."""
         cos, sin = position_embeddings
         if self._rope_source is not cos:
             batch = self.query_index.shape[0]
+            half = sin.shape[-1] // 2
+            signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # see apply_rope
             tables = []
-            for table in (cos, sin):
+            for table in (cos, signed_sin):
                 table = table.expand(batch, -1, -1)
                 keys = torch.cat([table, gather_rows(table, self.proxy_source)], dim=1)
                 tables.append((keys, gather_rows(keys, self.query_index)))
@@ -579,7 +597,7 @@ class ProxyVDecoderLayerMixin:
         queries = plan.query_index.shape[1]
         cos_k, sin_k, cos_q, sin_q = plan.rope(position_embeddings)
 
-        normed = self.input_layernorm(hidden_states)  # (B, T+P, H)
+        normed = backbone_norm(self.input_layernorm, hidden_states)  # (B, T+P, H)
         key, value = self._proxyv_kv(normed)
         key = key.reshape(batch, rows, -1, attn.head_dim).transpose(1, 2)  # (B, kv_h, T+P, d)
         value = value.reshape(batch, rows, -1, attn.head_dim).transpose(1, 2)
@@ -594,7 +612,7 @@ class ProxyVDecoderLayerMixin:
         attended = proxyv_attention(attn, query, key, value, plan.mask).reshape(batch, queries, -1)
         residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
         out_q = residual + attn.o_proj(attended)
-        out_q = out_q + self._proxyv_mlp(self.post_attention_layernorm(out_q))
+        out_q = out_q + self._proxyv_mlp(backbone_norm(self.post_attention_layernorm, out_q))
 
         vision_mlp = plan.modules.vision_mlps[str(layer_idx)]
         vision = select_rows(hidden_states, plan.vision_rows)  # (B, V, H)
