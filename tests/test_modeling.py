@@ -164,9 +164,10 @@ def test_vision_tokens_get_no_query_and_no_ffn(proxyv, grad):
 
 
 def test_fused_projections_share_memory_and_change_no_result(source):
-    """The first ProxyV forward without gradients lays each ProxyV layer's k/v and gate/up weights out in one tensor
-    (the parameters become views of it: nothing is stored twice); the results, the weights and ProxyV off stay as
-    they were; moving the model lays them out again; a weight replaced afterwards is the one used."""
+    """The first ProxyV forward lays each ProxyV layer's k/v and gate/up weights out in one tensor (the parameters
+    become views of it: nothing is stored twice); the products use it where no gradient needs the weights; the
+    results, the weights and ProxyV off stay as they were; moving the model lays them out again; a weight replaced
+    afterwards is the one used."""
     model = convert_in_memory(source)
     start = model.config.proxyv_start_layer
     layers = model.model.language_model.layers
@@ -184,8 +185,8 @@ def test_fused_projections_share_memory_and_change_no_result(source):
     weights = {name: value.clone() for name, value in model.state_dict().items()}
     with model.proxyv_disabled(), torch.no_grad():
         off = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    separate = logits(grad=True)  # the weights require gradients: k_proj, v_proj, gate_proj, up_proj one by one
     assert not any(shared(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers)
+    separate = logits(grad=True)  # the weights require gradients: k_proj, v_proj, gate_proj, up_proj one by one
     fused = logits()
     for i, layer in enumerate(layers):
         assert shared(layer.self_attn.k_proj, layer.self_attn.v_proj) == (i >= start)
@@ -311,6 +312,22 @@ def test_generate_with_cache_equals_recompute(proxyv, names):
         original = proxyv.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8,
                                    do_sample=False, min_new_tokens=8)
     assert not torch.equal(cached, original), "random ProxyV weights should change some generated tokens"
+
+
+def test_decoding_steps_make_no_plan(proxyv, monkeypatch):
+    """Only the prefill looks for image tokens (a device-to-host copy); decoding steps go straight to the original
+    forward, and give the same tokens as recomputing the whole sequence each step."""
+    prompts = [PROMPTS["one image"]]
+    ids, mask = batch(prompts)
+    pixels = pixel_values_for(prompts)
+    core = proxyv.model
+    made = []
+    monkeypatch.setattr(core, "_make_plan", lambda arguments: made.append(type(core)._make_plan(core, arguments)) or made[-1])
+    cached = proxyv.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6,
+                             do_sample=False, min_new_tokens=6)
+    assert len(made) == 1 and made[0] is not None
+    monkeypatch.undo()
+    assert torch.equal(cached, greedy_without_cache(proxyv, ids, mask, pixels, 6))
 
 
 def test_cache_holds_sequence_not_proxies(proxyv):

@@ -668,8 +668,8 @@ class ProxyVModelMixin:
 
     def fuse_projections(self, enabled: bool = True) -> None:
         """Lay each ProxyV layer's key/value and gate/up weights out in one tensor each (no copy is kept), so a ProxyV
-        layer runs one matrix product for each pair. The first ProxyV forward without gradients does this unless it
-        was called before; parameter names, shapes and values are unchanged, and so is the model with ProxyV off.
+        layer runs one matrix product for each pair (where no gradient needs the weights themselves). The first ProxyV
+        forward does this unless it was called before; parameter names, shapes and values are unchanged, and so is the model with ProxyV off.
         `enabled=False` keeps (or puts back) separate weights and separate products."""
         for layer in self.language_model.layers[self.config.proxyv_start_layer :]:
             layer.fuse_projections(enabled)
@@ -717,7 +717,7 @@ class ProxyVModelMixin:
                 f"{cache.get_seq_length()} tokens); pass the whole prompt in one call"
             )
         attention_mask = masks[len(image_mask) :] if two_d else None
-        if not torch.is_grad_enabled() and not self.__dict__.get("_proxyv_projections_fused"):
+        if not self.__dict__.get("_proxyv_projections_fused"):  # the first ProxyV forward, whatever comes before it
             self.fuse_projections()
         return ProxyVPlan(
             image_mask, attention_mask, self._image_grids(image_mask, arguments), device=device, modules=self.proxyv,
@@ -740,8 +740,17 @@ class ProxyVModelMixin:
             }
         return settings
 
+    @staticmethod
+    def _decoding(args: tuple, kwargs: dict) -> bool:
+        """A decoding step: token ids continuing a sequence the cache already holds, with no images. ProxyV has no
+        work there, so the forward does not even look for image tokens (a device-to-host copy per step)."""
+        if args or any(kwargs.get(name) is not None for name in ("pixel_values", "inputs_embeds", "mm_encoder_outputs")):
+            return False
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return cache is not None and cache.get_seq_length() > 0
+
     def forward(self, *args, **kwargs):
-        if not self.proxyv_active:
+        if not self.proxyv_active or self._decoding(args, kwargs):
             return super().forward(*args, **kwargs)
         signature = _FORWARD_SIGNATURES.get(type(self))
         if signature is None:  # once per class, not on every decode step
