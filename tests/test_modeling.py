@@ -322,7 +322,8 @@ def test_decoding_steps_make_no_plan(proxyv, monkeypatch):
     pixels = pixel_values_for(prompts)
     core = proxyv.model
     made = []
-    monkeypatch.setattr(core, "_make_plan", lambda arguments: made.append(type(core)._make_plan(core, arguments)) or made[-1])
+    monkeypatch.setattr(core, "_make_plan",
+                        lambda arguments: made.append(type(core)._make_plan(core, arguments)) or made[-1])
     cached = proxyv.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6,
                              do_sample=False, min_new_tokens=6)
     assert len(made) == 1 and made[0] is not None

@@ -668,9 +668,9 @@ class ProxyVModelMixin:
 
     def fuse_projections(self, enabled: bool = True) -> None:
         """Lay each ProxyV layer's key/value and gate/up weights out in one tensor each (no copy is kept), so a ProxyV
-        layer runs one matrix product for each pair (where no gradient needs the weights themselves). The first ProxyV
-        forward does this unless it was called before; parameter names, shapes and values are unchanged, and so is the model with ProxyV off.
-        `enabled=False` keeps (or puts back) separate weights and separate products."""
+        layer runs one matrix product for each pair (where no gradient needs the weights themselves). The first
+        ProxyV forward does this unless it was called before; parameter names, shapes and values are unchanged, and
+        so is the model with ProxyV off. `enabled=False` keeps (or puts back) separate weights and products."""
         for layer in self.language_model.layers[self.config.proxyv_start_layer :]:
             layer.fuse_projections(enabled)
         self._proxyv_projections_fused = True  # decided: the forward leaves the layout alone
@@ -744,7 +744,8 @@ class ProxyVModelMixin:
     def _decoding(args: tuple, kwargs: dict) -> bool:
         """A decoding step: token ids continuing a sequence the cache already holds, with no images. ProxyV has no
         work there, so the forward does not even look for image tokens (a device-to-host copy per step)."""
-        if args or any(kwargs.get(name) is not None for name in ("pixel_values", "inputs_embeds", "mm_encoder_outputs")):
+        images = ("pixel_values", "inputs_embeds", "mm_encoder_outputs")
+        if args or any(kwargs.get(name) is not None for name in images):
             return False
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         return cache is not None and cache.get_seq_length() > 0
