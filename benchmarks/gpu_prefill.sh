@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU prefill targets in one run (about 5.5 minutes on an H100, most of it torch.compile):
+# The CUDA tests and the GPU prefill targets in one run (about 6.5 minutes on an H100, most of it torch.compile):
+#   0. tests:      python -m pytest -q tests/test_cuda.py (about a minute).
 #   1. llava:      LLaVA-1.5-7B shape (hidden 4096, 32 layers, 11008 FFN), random bf16 weights, ProxyV from layer 12,
 #                  one 576-token image, batch 1 and 8; eager, CUDA-graph and torch.compile(mode="reduce-overhead")
 #                  modes; whole-model prefill and decode per token (eager).
 #   2. llava-next: the same language model, LLaVA-NeXT with one 5-crop image (2,928 image tokens), batch 1, the same
 #                  modes.
 # Every side is timed against the same weights with ProxyV off (transformers' SDPA model) in the same mode.
-# The CUDA correctness tests are separate: python -m pytest -q tests/test_cuda.py (about a minute).
 # Usage: bash benchmarks/gpu_prefill.sh [OUTPUT_DIR]   (logs and JSON reports go there; default: ./gpu-prefill)
 # Each stage has its own time limit and a failing stage does not stop the next; the exit status says if any failed.
 set -uo pipefail
@@ -31,6 +31,8 @@ stage() {  # stage NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$out/device.log"
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     2>&1 | tee -a "$out/device.log"
+
+stage tests 150 "$python" -m pytest -q tests/test_cuda.py
 
 shape=(--device cuda --dtype bfloat16 --hidden 4096 --intermediate 11008 --layers 32 --heads 32
        --vision-hidden 1024 --vision-layers 2 --start-layers 12 --repeats 20 --warmup 5 --decode-tokens 32)

@@ -426,7 +426,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(source):
             enable({"use_reentrant": False})
         model.requires_grad_(False)
         model.model.proxyv.requires_grad_(True)
-        last = model.model.language_model.layers[-1].mlp
+        last = model.model.language_model.layers[-1].mlp.down_proj
         forward_calls = []
         hook = last.register_forward_hook(lambda *args, seen=forward_calls: seen.append(1))
         model(input_ids=ids, pixel_values=pixels, use_cache=False).logits.pow(2).mean().backward()
