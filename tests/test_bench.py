@@ -138,7 +138,8 @@ def test_llava_next_and_learned_models_are_benchmarked():
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused projections", "separate projections"])
 def test_the_proxyv_language_model_traces_as_one_graph(fused):
-    """torch.compile / CUDA graphs need the ProxyV layers free of graph breaks (the plan is built before them)."""
+    """torch.compile / CUDA graphs need the ProxyV layers free of graph breaks (the plan is built before them).
+    Compiled, the layers use the separate k/v and gate/up products even where the weights are fused."""
     import torch._dynamo
 
     model = convert_in_memory(tiny_llava(), randomize=True)
@@ -158,8 +159,19 @@ def test_the_proxyv_language_model_traces_as_one_graph(fused):
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
         embeds, mask = runner.embeds, runner.inputs["attention_mask"]
-        compiled = torch.compile(prefill, backend="eager", fullgraph=True)(embeds, mask)
+        graphs = []
+
+        def backend(graph, example_inputs):
+            graphs.append(graph)
+            return graph.forward
+
+        compiled = torch.compile(prefill, backend=backend, fullgraph=True)(embeds, mask)
         torch.testing.assert_close(compiled, prefill(embeds, mask))
+    start = model.config.proxyv_start_layer
+    assert bool(lm.layers[start].__dict__.get("_proxyv_fused")) == fused
+    inputs = [str(node.target) for node in graphs[0].graph.find_nodes(op="placeholder")]  # named by their source
+    assert not any("proxyv_fused" in name for name in inputs)
+    assert any(f"layers_modules_{start}_" in name and "k_proj" in name for name in inputs)
 
 
 @pytest.mark.parametrize("proxy", ["spatial", "learned"])

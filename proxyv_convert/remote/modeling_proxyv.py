@@ -556,11 +556,16 @@ class ProxyVDecoderLayerMixin:
         return result
 
     def _fused(self, name: str, first: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The fused weight of `name` if it still holds `first`'s weight and no gradient reaches the weights."""
+        """The fused weight of `name` if it still holds `first`'s weight and no gradient reaches the weights. Not
+        under torch.compile: compiled with mode="reduce-overhead" on an H100 the fused products made batch-1 prefill
+        slower (25.9 ms against 17.6 ms with separate products, benchmarks/results/h100-2026-11-27b), where eager
+        and CUDA-graph runs gain from them."""
+        if torch.compiler.is_compiling():
+            return None
         pair = (self.__dict__.get("_proxyv_fused") or {}).get(name)
         if pair is None or type(first) is not nn.Linear or (torch.is_grad_enabled() and first.weight.requires_grad):
             return None
-        if not torch.compiler.is_compiling() and first.weight.data_ptr() != pair[0].data_ptr():
+        if first.weight.data_ptr() != pair[0].data_ptr():
             return None  # the weights were replaced since they were fused
         return pair
 
