@@ -71,6 +71,8 @@ def test_matches_the_reference_on_cuda(cpu_pair, cuda_pair, name):
     with torch.no_grad():
         logits = cuda_pair[1](input_ids=prompt[None].to(CUDA), pixel_values=pixels.to(CUDA)).logits[0]
     torch.testing.assert_close(logits.cpu(), expected, atol=1e-4, rtol=1e-3)
+    layer = cuda_pair[1].model.language_model.layers[cuda_pair[1].config.proxyv_start_layer]
+    assert set(layer.__dict__.get("_proxyv_fused") or {}) == {"kv", "gate_up"}  # on CUDA the products are fused
 
 
 def test_plan_on_cuda_equals_the_cpu_plan(cpu_pair, cuda_pair):

@@ -148,10 +148,12 @@ def test_vision_tokens_get_no_query_and_no_ffn(proxyv, grad):
         for key, module in modules
     ]
     prompt = PROMPTS["one image"]
+    proxyv.fuse_projections(not grad)  # with gradients the separate layers run even where the weights are fused
     try:
         with torch.set_grad_enabled(grad):
             proxyv(input_ids=torch.tensor([prompt]), pixel_values=pixel_values_for([prompt]))
     finally:
+        proxyv.fuse_projections(False)
         for hook in hooks:
             hook.remove()
     text = len(prompt) - GRID * GRID
@@ -164,10 +166,10 @@ def test_vision_tokens_get_no_query_and_no_ffn(proxyv, grad):
 
 
 def test_fused_projections_share_memory_and_change_no_result(source):
-    """The first ProxyV forward lays each ProxyV layer's k/v and gate/up weights out in one tensor (the parameters
-    become views of it: nothing is stored twice); the products use it where no gradient needs the weights; the
-    results, the weights and ProxyV off stay as they were; moving the model lays them out again; a weight replaced
-    afterwards is the one used."""
+    """fuse_projections() lays each ProxyV layer's k/v and gate/up weights out in one tensor (the parameters become
+    views of it: nothing is stored twice); the products use it where no gradient needs the weights; the results, the
+    weights and ProxyV off stay as they were; moving the model lays them out again; a weight replaced afterwards is
+    the one used. Left to itself, the model fuses on CUDA only (tests/test_cuda.py), so on CPU it stays separate."""
     model = convert_in_memory(source)
     start = model.config.proxyv_start_layer
     layers = model.model.language_model.layers
@@ -185,8 +187,10 @@ def test_fused_projections_share_memory_and_change_no_result(source):
     weights = {name: value.clone() for name, value in model.state_dict().items()}
     with model.proxyv_disabled(), torch.no_grad():
         off = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    assert not any(shared(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers)
     separate = logits(grad=True)  # the weights require gradients: k_proj, v_proj, gate_proj, up_proj one by one
+    assert torch.equal(logits(), separate)  # on CPU the first ProxyV forward keeps the products separate
+    assert not any(shared(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers)
+    model.fuse_projections()
     fused = logits()
     for i, layer in enumerate(layers):
         assert shared(layer.self_attn.k_proj, layer.self_attn.v_proj) == (i >= start)

@@ -538,6 +538,8 @@ class ProxyVDecoderLayerMixin:
         (`.to()`, `.half()`, ...) lays them out again. `enabled=False` gives each parameter its own tensor again."""
         attn, mlp = self.self_attn, self.mlp
         if not enabled:
+            if not self.__dict__.get("_proxyv_fused"):
+                return
             for linear in (attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
                 for param in (linear.weight, linear.bias):
                     if param is not None:
@@ -673,12 +675,17 @@ class ProxyVModelMixin:
 
     def fuse_projections(self, enabled: bool = True) -> None:
         """Lay each ProxyV layer's key/value and gate/up weights out in one tensor each (no copy is kept), so a ProxyV
-        layer runs one matrix product for each pair (where no gradient needs the weights themselves). The first
-        ProxyV forward does this unless it was called before; parameter names, shapes and values are unchanged, and
-        so is the model with ProxyV off. `enabled=False` keeps (or puts back) separate weights and products."""
+        layer runs one matrix product for each pair (where no gradient needs the weights themselves, and not under
+        torch.compile). Parameter names, shapes and values are unchanged, and so is the model with ProxyV off.
+        `enabled=False` keeps (or puts back) separate weights and products. Without a call, the first ProxyV forward
+        on a device decides: fused on CUDA (faster there, eager and in CUDA graphs), separate elsewhere (on CPU the
+        separate products measured a little faster); see benchmarks/results/h100-2026-11-27b."""
+        self._set_fusion(enabled)
+        self._proxyv_fusion = "chosen"  # the forward leaves the layout alone from now on
+
+    def _set_fusion(self, enabled: bool) -> None:
         for layer in self.language_model.layers[self.config.proxyv_start_layer :]:
             layer.fuse_projections(enabled)
-        self._proxyv_projections_fused = True  # decided: the forward leaves the layout alone
 
     @contextlib.contextmanager
     def proxyv_disabled(self) -> Iterator[None]:
@@ -722,8 +729,10 @@ class ProxyVModelMixin:
                 f"{cache.get_seq_length()} tokens); pass the whole prompt in one call"
             )
         attention_mask = masks[len(image_mask) :] if two_d else None
-        if not self.__dict__.get("_proxyv_projections_fused"):  # the first ProxyV forward, whatever comes before it
-            self.fuse_projections()
+        fusion = self.__dict__.get("_proxyv_fusion")
+        if fusion != "chosen" and fusion != device.type:  # the first ProxyV forward on this kind of device
+            self._set_fusion(device.type == "cuda")
+            self._proxyv_fusion = device.type
         return ProxyVPlan(
             image_mask, attention_mask, self._image_grids(image_mask, arguments), device=device, modules=self.proxyv,
             **self._plan_settings(),
