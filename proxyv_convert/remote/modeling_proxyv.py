@@ -132,10 +132,17 @@ class ProxyVVisionMLP(nn.Module):
         # P proxies before they are spread over the V tokens.
         # fuse([own, ctx]) = W_own @ own + W_ctx @ ctx + b; W_ctx is applied to the P proxies before they are spread
         # over the V tokens (spreading is linear), and no concatenated copy is made.
-        # The bias joins the proxies' side (spreading copies it unchanged), and the two additions are the matrix
-        # products' own (addmm).
         width = self.proj_vision.out_features
         w_own, w_ctx = self.fuse.weight[:, :width], self.fuse.weight[:, width:]
+        if torch.compiler.is_compiling():
+            # Compiled, the additions are left to inductor's fusion: graphs with the addmm form below warned
+            # "Constructing input/output tensor meta failed for Extern Choice" once per layer on an H100 and ran
+            # batch 1 slower than the previous version, which had this form (benchmarks/results/h100-2026-11-27b).
+            ctx = context(F.linear(self.proj_proxy(self.norm_proxy(proxies)), w_ctx))  # (B, V, I)
+            own = F.linear(self.proj_vision(self.norm_vision(vision)), w_own, self.fuse.bias)  # (B, V, I)
+            return vision + self.out(F.silu(own + ctx))  # (B, V, H)
+        # Eager, the bias joins the proxies' side (spreading copies it unchanged), and the two additions are the
+        # matrix products' own (addmm): two kernels fewer.
         ctx = context(F.linear(self.proj_proxy(self.norm_proxy(proxies)), w_ctx, self.fuse.bias))  # (B, V, I)
         own = self.proj_vision(self.norm_vision(vision)).reshape(-1, width)  # (B*V, I)
         fused = F.silu(torch.addmm(ctx.reshape(-1, width), own, w_own.t()))  # (B*V, I)
