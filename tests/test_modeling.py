@@ -218,6 +218,17 @@ def test_fused_projections_share_memory_and_change_no_result(source):
     torch.testing.assert_close(replaced, logits(grad=True, dtype=torch.float64))
 
 
+def test_a_model_with_fused_projections_saves_and_loads(source, tmp_path):
+    """Parameters that are views of one fused tensor are saved as the ordinary separate tensors."""
+    model = convert_in_memory(source)
+    model.fuse_projections()
+    model.save_pretrained(tmp_path)
+    loaded = ProxyVLlavaForConditionalGeneration.from_pretrained(tmp_path)
+    saved, again = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == again.keys()
+    assert all(torch.equal(saved[name], again[name]) for name in saved)
+
+
 # --- ProxyV off is the original model, bit for bit -----------------------------------------------------------------
 
 BATCHES = {
