@@ -19,6 +19,7 @@ and loaded with `trust_remote_code=True`.
 """
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -270,12 +271,12 @@ class ProxyVPlan:
         sliding_window: int | None = None,
         learned: int | None = None,
     ):
-        """`image_mask`: (B, T) on the CPU; `attention_mask`: None or (B, T') of ones and zeros on the CPU, its last T
-        columns are the prompt's; the plan's tensors are made for `device`. `learned`: proxies per grid made by the
-        learned module (else spatial: the grid downsampled by `factor`)."""
+        """`image_mask` and `attention_mask` (None, or which tokens are real): (B, T) booleans on the CPU; the plan's
+        tensors are made for `device`. `learned`: proxies per grid made by the learned module (else spatial: the grid
+        downsampled by `factor`)."""
         batch, seq = image_mask.shape
         if attention_mask is not None:
-            attention_mask = attention_mask[:, -seq:].bool().numpy()
+            attention_mask = attention_mask.numpy()
         self.modules = modules
         self.learned = learned is not None
         self.start_layer, self.last_layer = start_layer, num_layers - 1
@@ -516,18 +517,15 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor |
         or len({b is None for b in biases}) != 1
     ):
         return None
-    fused = []
-    for params in (weights, None if biases[0] is None else biases):
-        if params is None:
-            fused.append(None)
-            continue
-        joined = torch.cat([p.detach() for p in params])
-        offset = 0
-        for param in params:
-            param.data = joined[offset : offset + param.shape[0]]
-            offset += param.shape[0]
-        fused.append(joined)
-    return fused[0], fused[1]
+    return _join(weights), None if biases[0] is None else _join(biases)
+
+
+def _join(params: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor holding `params` one after another; each parameter becomes a view of its rows."""
+    joined = torch.cat([p.detach() for p in params])
+    for param, rows in zip(params, joined.split([p.shape[0] for p in params]), strict=True):
+        param.data = rows
+    return joined
 
 
 _FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x))
@@ -742,24 +740,22 @@ class ProxyVModelMixin:
             self._proxyv_fusion = device.type
         return ProxyVPlan(
             image_mask, attention_mask, self._image_grids(image_mask, arguments), device=device, modules=self.proxyv,
-            **self._plan_settings(),
+            **self._plan_settings,
         )
 
+    @functools.cached_property
     def _plan_settings(self) -> dict:
         """The plan's settings from the config, read once per model (a config attribute read costs microseconds, and
         a plan needs a dozen of them)."""
-        settings = self.__dict__.get("_proxyv_plan_settings")
-        if settings is None:
-            config, text = self.config, self.config.text_config
-            settings = self._proxyv_plan_settings = {
-                "factor": config.proxyv_reduce_factor,
-                "start_layer": config.proxyv_start_layer,
-                "num_layers": text.num_hidden_layers,
-                "sliding_window": getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True)
-                else None,
-                "learned": config.proxyv_learned_proxies if config.proxyv_proxy == "learned" else None,
-            }
-        return settings
+        config, text = self.config, self.config.text_config
+        return {
+            "factor": config.proxyv_reduce_factor,
+            "start_layer": config.proxyv_start_layer,
+            "num_layers": text.num_hidden_layers,
+            "sliding_window": getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True)
+            else None,
+            "learned": config.proxyv_learned_proxies if config.proxyv_proxy == "learned" else None,
+        }
 
     @staticmethod
     def _decoding(args: tuple, kwargs: dict) -> bool:
@@ -834,15 +830,16 @@ class ProxyVLlavaModel(ProxyVModelMixin, ProxyVLlavaPreTrainedModel, LlavaModel)
         LlavaModel.__init__(self, config)
         self._attach_proxyv(config)
 
+    @functools.cached_property
+    def _grid_shape(self) -> tuple[tuple[int, int], int]:
+        """((rows, columns) of an image's grid, image tokens per image), read from the config once per model."""
+        side, per_image = vision_grid(self.config)
+        return ((side, side) if self.config.proxyv_proxy == "spatial" else (1, per_image)), per_image
+
     def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
         """Each prompt's images: runs of grid x grid image tokens, one image after another (learned proxies take any
         number of tokens per image, as one row)."""
-        shape = self.__dict__.get("_proxyv_grid_shape")
-        if shape is None:  # read from the config once per model
-            side, per_image = vision_grid(self.config)
-            spatial = self.config.proxyv_proxy == "spatial"
-            shape = self._proxyv_grid_shape = ((side, side) if spatial else (1, per_image)), per_image
-        (height, width), per_image = shape
+        (height, width), per_image = self._grid_shape
         grids = []
         for sample in image_mask.numpy():
             rows = np.flatnonzero(sample)
