@@ -32,13 +32,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     2>&1 | tee -a "$out/device.log"
 
-stage tests 150 "$python" -m pytest -q tests/test_cuda.py
+stage tests 120 "$python" -m pytest -q tests/test_cuda.py
 
 shape=(--device cuda --dtype bfloat16 --hidden 4096 --intermediate 11008 --layers 32 --heads 32
        --vision-hidden 1024 --vision-layers 2 --start-layers 12 --repeats 20 --warmup 5 --decode-tokens 32)
-stage llava 240 "$python" benchmarks/prefill_speed.py "${shape[@]}" --cases 1x1 8x1 --modes eager cuda-graph compile \
+stage llava 270 "$python" benchmarks/prefill_speed.py "${shape[@]}" --cases 1x1 8x1 --modes eager cuda-graph compile \
     --json "$out/llava.json"
-stage llava-next 150 "$python" benchmarks/prefill_speed.py "${shape[@]}" --arch llava_next --cases 1x1 \
+stage llava-next 160 "$python" benchmarks/prefill_speed.py "${shape[@]}" --arch llava_next --cases 1x1 \
     --modes eager cuda-graph compile --json "$out/llava-next.json"
 
 echo "== summary (ProxyV / off; speedup = 1 / time ratio)"

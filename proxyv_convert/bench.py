@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from .errors import ProxyVError
 
@@ -78,9 +78,19 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int
 _cpu_sdpa_flops._get_raw = False  # FlopCounterMode passes shapes to formulas without this marker
 
 
+def _as_registered(op):
+    """torch's registered FLOP formula of `op`, for another op (already taking what the counter passes)."""
+    formula = partial(flop_registry[op])
+    formula._get_raw = True
+    return formula
+
+
 def count_flops(fn: Callable[[], object]) -> float:
     """GFLOPs of every matmul and attention call in `fn` (CPU attention kernels included)."""
-    mapping = {}
+    # In-place products (a ProxyV layer without gradients adds into its own buffers) cost what their
+    # out-of-place forms do, which torch's counter knows.
+    mapping = {torch.ops.aten.addmm_: _as_registered(torch.ops.aten.addmm),
+               torch.ops.aten.baddbmm_: _as_registered(torch.ops.aten.baddbmm)}
     cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_attention is not None:
         mapping[cpu_attention] = _cpu_sdpa_flops

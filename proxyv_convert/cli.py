@@ -8,6 +8,8 @@ imported inside the commands, so `proxyv --help` and `proxyv --version` start wi
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -44,13 +46,15 @@ def user_errors(quiet: bool = False) -> Iterator[None]:
 
 def quiet_libraries() -> None:
     """--quiet also silences the libraries' own progress bars (weight loading, dataset preparation, transfers)."""
-    import datasets
     import transformers
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    # datasets reads this when it is imported (only commands that read a dataset import it)
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    if sys.modules.get("datasets") is not None:  # imported already
+        sys.modules["datasets"].disable_progress_bars()
 
 
 RecipeOption = Annotated[

@@ -14,11 +14,14 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 from PIL import Image
 
 from .errors import ProxyVError
+
+if TYPE_CHECKING:  # imported where used: commands that read no dataset start without it
+    import datasets
 
 BUILTIN = ("shapes",)
 PROMPT_COLUMNS = ("question", "prompt", "instruction", "text", "query")
@@ -82,6 +85,8 @@ def load_data(
     revision: str | None = None,
 ) -> ImageTextData:
     """The `split` of `data` with its columns resolved; ProxyVError when it is missing, empty or unusable."""
+    import datasets
+
     rows = _load_split(str(data), split, revision, columns.image)
     if columns.image not in rows.column_names:
         raise ProxyVError(
@@ -108,6 +113,8 @@ def _column(rows: datasets.Dataset, name: str | None, candidates: tuple[str, ...
 
 
 def _load_split(data: str, split: str, revision: str | None, image_column: str) -> datasets.Dataset:
+    import datasets
+
     if data in BUILTIN:
         from .shapes import load_shapes
 
@@ -129,6 +136,8 @@ def _load_split(data: str, split: str, revision: str | None, image_column: str) 
 
 
 def _load_local(path: Path, image_column: str) -> datasets.Dataset | datasets.DatasetDict:
+    import datasets
+
     if path.is_file():
         fmt = TABLE_FORMATS.get(path.suffix.lower())
         if fmt is None:
@@ -156,6 +165,8 @@ def _load_local(path: Path, image_column: str) -> datasets.Dataset | datasets.Da
 
 def _resolve_image_paths(rows: datasets.Dataset, base: Path, column: str) -> datasets.Dataset:
     """Image paths in a table are relative to the table's folder."""
+    import datasets
+
     feature = rows.features.get(column)
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         return rows.map(lambda row: {column: str(base / row[column])})
@@ -163,6 +174,8 @@ def _resolve_image_paths(rows: datasets.Dataset, base: Path, column: str) -> dat
 
 
 def _load_hub(name: str, revision: str | None) -> datasets.DatasetDict:
+    import datasets
+
     try:
         return datasets.load_dataset(name, revision=revision)
     except datasets.exceptions.DatasetNotFoundError:

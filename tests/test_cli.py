@@ -203,6 +203,20 @@ def test_installed_script_version_without_torch():
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout == "False\n"
 
 
+def test_convert_and_bench_run_where_datasets_cannot_be_imported(source, tmp_path):
+    """Only the commands that read a dataset import `datasets` (a serving machine may lack it)."""
+    block = "import runpy, sys; sys.modules['datasets'] = None; sys.argv[0] = 'proxyv'; "
+    main = "runpy.run_module('proxyv_convert.cli', run_name='__main__')"
+    for args in (["convert", source, "--layer", "2", "--out", tmp_path / "m", "--quiet"],
+                 ["bench", tmp_path / "m", "--repeats", "1", "--warmup", "0"]):
+        result = subprocess.run([sys.executable, "-c", block + main, *map(str, args)], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m" / "bench_report.json").is_file()
+    blocked = subprocess.run([sys.executable, "-c", block + "import datasets"], capture_output=True, text=True)
+    assert blocked.returncode != 0 and "import of datasets halted" in blocked.stderr  # the block itself works
+
+
 def test_distill_option_defaults_are_the_library_defaults():
     import dataclasses
 

@@ -304,6 +304,37 @@ def test_single_equals_batched(proxyv, name):
         torch.testing.assert_close(batched[i, real], alone, **BATCH_TOLERANCE)
 
 
+@pytest.mark.parametrize("name", ["single", "left padding", "mixed with text-only"])
+def test_inference_and_gradient_paths_agree(proxyv, name):
+    """Without gradients a ProxyV layer writes into its own buffers in place; with them it takes the autograd-safe
+    path. Both give the same numbers, and neither writes into the hidden states it is given."""
+    keys, side = BATCHES[name]
+    prompts = [PROMPTS[k] for k in keys]
+    ids, mask = batch(prompts, side)
+    pixels = pixel_values_for(prompts)
+    given = []  # each layer's input hidden states and a copy made when the layer got them
+
+    def keep(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        given.append((hidden, hidden.clone()))
+
+    hooks = [layer.register_forward_pre_hook(keep, with_kwargs=True) for layer in proxyv.model.language_model.layers]
+    try:
+        with torch.no_grad():
+            inference = proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        trained = proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert trained.requires_grad and not inference.requires_grad
+    assert torch.equal(trained.detach(), inference)
+    assert len(given) == 2 * len(proxyv.model.language_model.layers)
+    assert all(torch.equal(hidden, copy) for hidden, copy in given), "a layer wrote into its input"
+    with torch.no_grad(), proxyv.proxyv_disabled():
+        off = proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert not torch.allclose(off, inference), "ProxyV must be on"
+
+
 def greedy_without_cache(model, ids, mask, pixels, steps: int) -> torch.Tensor:
     """Greedy decoding that recomputes the whole sequence at every step (no KV cache)."""
     for _ in range(steps):

@@ -71,15 +71,22 @@ def select_rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Llama's rotary embedding, x * cos + rotate_half(x) * sin, in three operations: x: (B, heads, L, d); cos and
     signed_sin (sin with its first half negated, see `ProxyVPlan.rope`): (B, 1, L, d). rotate_half(x) * sin is
-    swap_halves(x) * signed_sin."""
-    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-    return torch.addcmul(x * cos, swapped, signed_sin)
+    swap_halves(x) * signed_sin, added half by half to x * cos: five tensor-sized reads and writes, where a swapped
+    copy of x would take seven (same roundings, the same result)."""
+    out = x * cos
+    halves, x_halves, sin_halves = (t.unflatten(-1, (2, -1)) for t in (out, x, signed_sin))
+    halves[..., 0, :].addcmul_(x_halves[..., 1, :], sin_halves[..., 0, :])
+    halves[..., 1, :].addcmul_(x_halves[..., 0, :], sin_halves[..., 1, :])
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm (float32 statistics, the weight applied in the input dtype): F.rms_norm computes in float32
-    for lower-precision inputs, and is one fused kernel on CUDA where the written-out form is seven."""
-    return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
+    """Llama's RMSNorm as one fused kernel on CUDA (the written-out form is seven): float32 statistics, the weight
+    applied before the result is rounded to the input dtype. The same values as Llama's in float32; in bfloat16 or
+    float16, where Llama rounds before applying the weight, the two can differ in the last bit."""
+    if weight.dtype != x.dtype:
+        return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 _LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # all compute rms_norm(x, weight, eps)
@@ -127,10 +134,11 @@ class ProxyVVisionMLP(nn.Module):
         for module in self.modules():
             init_proxyv_module(module, std)
 
-    def forward(self, vision: torch.Tensor, proxies: torch.Tensor, context) -> torch.Tensor:
+    def forward(self, vision: torch.Tensor, proxies: torch.Tensor, context, overwrite: bool = False) -> torch.Tensor:
         # vision: (B, V, H) full tokens; proxies: (B, P, H) their proxies after this layer; context maps per-proxy
-        # features (B, P, I) to per-vision-token ones (B, V, I). The projection is per token, so it is applied to the
-        # P proxies before they are spread over the V tokens.
+        # features (B, P, I) to per-vision-token ones (B, V, I) in a new tensor. The projection is per token, so it is
+        # applied to the P proxies before they are spread over the V tokens. overwrite: the update is added to
+        # `vision` in place (a contiguous tensor no gradient goes through), which is then returned.
         # fuse([own, ctx]) = W_own @ own + W_ctx @ ctx + b; W_ctx is applied to the P proxies before they are spread
         # over the V tokens (spreading is linear), and no concatenated copy is made.
         width = self.proj_vision.out_features
@@ -143,11 +151,19 @@ class ProxyVVisionMLP(nn.Module):
             own = F.linear(self.proj_vision(self.norm_vision(vision)), w_own, self.fuse.bias)  # (B, V, I)
             return vision + self.out(F.silu(own + ctx))  # (B, V, H)
         # Eager, the bias joins the proxies' side (spreading copies it unchanged), and the two additions are the
-        # matrix products' own (addmm): two kernels fewer.
+        # matrix products' own (addmm): two kernels fewer. Where no gradient is needed, the products add into the
+        # tensors they update (addmm would first copy them).
         ctx = context(F.linear(self.proj_proxy(self.norm_proxy(proxies)), w_ctx, self.fuse.bias))  # (B, V, I)
         own = self.proj_vision(self.norm_vision(vision)).reshape(-1, width)  # (B*V, I)
-        fused = F.silu(torch.addmm(ctx.reshape(-1, width), own, w_own.t()))  # (B*V, I)
-        return torch.addmm(vision.reshape(-1, vision.shape[-1]), fused, self.out.weight.t()).view(vision.shape)
+        rows = vision.reshape(-1, vision.shape[-1])  # (B*V, H)
+        if not torch.is_grad_enabled():
+            fused = F.silu(ctx.view(-1, width).addmm_(own, w_own.t()), inplace=True)  # (B*V, I)
+            if overwrite:
+                rows.addmm_(fused, self.out.weight.t())
+                return vision
+        else:
+            fused = F.silu(torch.addmm(ctx.reshape(-1, width), own, w_own.t()))
+        return torch.addmm(rows, fused, self.out.weight.t()).view(vision.shape)
 
 
 class ProxyVLearnedProxies(nn.Module):
@@ -349,13 +365,19 @@ class ProxyVPlan:
         # Each key's causal order and each query's; whether a key is one a proxy may see (text or proxy).
         key_order = np.concatenate([np.broadcast_to(np.arange(seq), (batch, seq)), proxy_source], axis=1)  # (B, T+P)
         rows = seq + proxies
+        # Row r of a layer's output as a row of [every sample's query slots; every sample's vision slots] (B*Q + B*V
+        # rows): the layout in which a layer without gradients writes both parts before one gather puts them in place.
+        query_slots, sample = text_slots + proxies, np.arange(batch)[:, None]
+        split_index = np.where(out_index < query_slots, sample * query_slots + out_index,
+                               batch * query_slots + sample * num_vision + out_index - query_slots)
         host.update(
             query_index=query_index,  # (B, Q)
             proxy_source=proxy_source,  # (B, P)
             # The index sets flattened for the (B*rows, H) views they are used on (index_select copies whole rows).
             query_rows=flat_rows(query_index, rows),
             vision_rows=flat_rows(vision_index, rows),
-            out_rows=flat_rows(out_index, text_slots + proxies + num_vision),
+            split_rows=split_index.reshape(-1),
+            split_rows_seq=np.ascontiguousarray(split_index[:, :seq]).reshape(-1),  # the last layer drops the proxies
             upsample_rows=flat_rows(upsample_index, proxies),  # vision slot -> proxy slot, (B*V,)
         )
         self.num_vision = num_vision
@@ -382,7 +404,8 @@ class ProxyVPlan:
             self.learned_back: torch.Tensor | None = None
         self.query_index, self.proxy_source = on_device["query_index"], on_device["proxy_source"]
         self.query_rows, self.vision_rows = on_device["query_rows"], on_device["vision_rows"]
-        self.out_rows, self.upsample_rows = on_device["out_rows"], on_device["upsample_rows"]
+        self.split_rows, self.split_rows_seq = on_device["split_rows"], on_device["split_rows_seq"]
+        self.upsample_rows = on_device["upsample_rows"]
         self.mask = on_device["mask"]
         # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
         self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
@@ -411,9 +434,10 @@ class ProxyVPlan:
 
     def assemble(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
         """The layer's output rows (B, T+P, H) from the query slots' (B, Q, H) and the vision slots' (B, V, H)."""
-        if not self.dense:  # unused slots would write over real rows: pick each row's source instead
-            return select_rows(torch.cat([queries, vision], dim=1), self.out_rows)
         batch, _, width = queries.shape
+        if not self.dense:  # unused slots would write over real rows: pick each row's source instead
+            parts = torch.cat([queries.reshape(-1, width), vision.reshape(-1, width)])
+            return parts.index_select(0, self.split_rows).view(batch, -1, width)
         out = queries.new_empty(batch * (self.seq_len + self.num_proxies), width)
         out.index_copy_(0, self.query_rows, queries.reshape(-1, width))
         out.index_copy_(0, self.vision_rows, vision.reshape(-1, width))
@@ -624,17 +648,26 @@ class ProxyVDecoderLayerMixin:
         attended = proxyv_attention(attn, query, key, value, plan.mask).reshape(batch, queries, -1)
         residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
         out_q = residual + attn.o_proj(attended)
-        out_q = out_q + self._proxyv_mlp(backbone_norm(self.post_attention_layernorm, out_q))
-
+        mlp_out = self._proxyv_mlp(backbone_norm(self.post_attention_layernorm, out_q))
         vision_mlp = plan.modules.vision_mlps[str(layer_idx)]
-        vision = select_rows(hidden_states, plan.vision_rows)  # (B, V, H)
-        new_proxies = out_q[:, plan.num_text_slots :]  # (B, P, H)
-        out_v = vision_mlp(vision, new_proxies, plan.context)
+        last = layer_idx == plan.last_layer
 
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Both parts are written into one buffer, [query slots; vision slots], the vision slots updated in place;
+            # one row gather then lays the output out (scattering the two parts would write every row too, slower).
+            width = hidden_states.shape[-1]
+            split = batch * queries
+            buffer = hidden_states.new_empty(split + batch * plan.num_vision, width)
+            new_q = torch.add(out_q, mlp_out, out=buffer[:split].view(batch, queries, width))
+            vision = torch.index_select(hidden_states.reshape(-1, width), 0, plan.vision_rows, out=buffer[split:])
+            vision_mlp(vision.view(batch, -1, width), new_q[:, plan.num_text_slots :], plan.context, overwrite=True)
+            return buffer.index_select(0, plan.split_rows_seq if last else plan.split_rows).view(batch, -1, width)
+
+        out_q = out_q + mlp_out
+        vision = select_rows(hidden_states, plan.vision_rows)  # (B, V, H)
+        out_v = vision_mlp(vision, out_q[:, plan.num_text_slots :], plan.context)  # new proxies: (B, P, H)
         out = plan.assemble(out_q, out_v)  # (B, T+P, H)
-        if layer_idx == plan.last_layer:
-            out = out[:, :seq]
-        return out
+        return out[:, :seq] if last else out
 
 
 _LAYER_CLASSES: dict[type, type] = {}

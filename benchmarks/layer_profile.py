@@ -1,0 +1,153 @@
+"""One decoder layer at a time: a ProxyV layer against the same layer with ProxyV off, on the random model of
+prefill_speed.py (same model options), with the inputs those layers get in a real language-model prefill.
+
+    python benchmarks/layer_profile.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 11008 \\
+        --layers 16 --heads 32 --vision-hidden 1024 --start-layer 12 --cases 1x1 8x1
+
+For every case it prints the time of one layer call (median of timed repeats; on CUDA also replayed from a CUDA
+graph, which leaves out the host's launch overhead) for a ProxyV layer past the start layer and the same layer with
+ProxyV off, their ratio, and the kernels (CUDA) or operators (CPU) of one call of each, by device time. A layer
+is called with the keyword arguments the model gave it (captured by a forward pre-hook), so its work is exactly
+that of the model's prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from prefill_speed import model_options, random_model
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from proxyv_convert.bench import Runner, synchronize, synthetic_inputs
+
+
+def captured_call(runner: Runner, layer: torch.nn.Module, proxyv: bool):
+    """A function that calls `layer` as the language-model prefill did (ProxyV on or off)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault("call", (args, dict(kwargs)))
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        runner.lm_prefill(proxyv)
+    finally:
+        handle.remove()
+    args, kwargs = seen["call"]
+
+    @torch.no_grad()
+    def call():
+        return layer(*args, **kwargs)
+
+    return call
+
+
+def median_ms(fn, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def graph_ms(fn, repeats: int) -> float:
+    """Median milliseconds of replaying `fn` from a CUDA graph (events around each replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_table(fn, device: torch.device, runs: int, rows: int) -> tuple[float, str]:
+    """(device or CPU time of one call in ms, a table of its kernels/operators by time per call)."""
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    fn()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            fn()
+        synchronize(device)
+    averages = prof.key_averages()
+    if on_device:
+        events = [e for e in averages if e.device_type != DeviceType.CPU and e.self_device_time_total > 0]
+        own = lambda e: e.self_device_time_total  # noqa: E731
+    else:
+        events = [e for e in averages if e.self_cpu_time_total > 0 and e.key.startswith("aten::")]
+        own = lambda e: e.self_cpu_time_total  # noqa: E731
+    events.sort(key=own, reverse=True)
+    total = sum(own(e) for e in events) / runs
+    lines = [f"    {'us/call':>8} {'calls':>5} {'us each':>8}  name"]
+    for e in events[:rows]:
+        lines.append(f"    {own(e) / runs:8.1f} {e.count / runs:5.0f} {own(e) / e.count:8.1f}  {e.key[:90]}")
+    count = sum(e.count for e in events) / runs
+    lines.append(f"    {total:8.1f} {count:5.0f}           all {'kernels' if on_device else 'operators'}")
+    return total / 1000, "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = model_options(argparse.ArgumentParser(description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--start-layer", type=int, default=8)
+    parser.add_argument("--layer", type=int, help="The layer timed (default: the one after the start layer).")
+    parser.add_argument("--cases", nargs="+", default=["1x1"], help="BATCHxIMAGES cases, e.g. 1x1 8x1.")
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=5, help="Profiled calls per side.")
+    parser.add_argument("--rows", type=int, default=30, help="Kernels printed per table.")
+    parser.add_argument("--separate-projections", action="store_true")
+    args = parser.parse_args(argv)
+    layer_index = args.start_layer + 1 if args.layer is None else args.layer
+    if not args.start_layer < layer_index < args.layers:
+        parser.error("--layer must be a ProxyV layer after the start layer")
+    print(f"torch {torch.__version__}, command: {' '.join(sys.argv)}", flush=True)
+    model = random_model(args, args.start_layer)
+    if args.separate_projections:
+        model.fuse_projections(False)
+    device = model.device
+    layer = model.model.language_model.layers[layer_index]
+    for case in args.cases:
+        batch, images = (int(n) for n in case.split("x"))
+        runner = Runner(model, synthetic_inputs(model, batch, images, args.text_tokens))
+        print(f"\n== batch {batch}, images {images} ({runner.embeds.shape[1]} tokens), layer {layer_index}", flush=True)
+        results = {}
+        for side, on in (("off", False), ("proxyv", True)):
+            call = captured_call(runner, layer, on)
+            call()  # warm-up (and the automatic choice of fused products on the first ProxyV forward)
+            eager = median_ms(call, device, args.repeats)
+            graphed = graph_ms(call, args.repeats) if device.type == "cuda" else float("nan")
+            busy, table = kernel_table(call, device, args.runs, args.rows)
+            results[side] = (eager, graphed, busy)
+            print(f"-- {side}: eager {eager:.3f} ms, CUDA graph {graphed:.3f} ms, "
+                  f"{'kernels' if device.type == 'cuda' else 'operators'} {busy:.3f} ms per call\n{table}", flush=True)
+        ratios = [p / o for o, p in zip(results["off"], results["proxyv"])]
+        print(f"ratio ProxyV/off, batch {batch} images {images}: eager {ratios[0]:.3f}, CUDA graph {ratios[1]:.3f}, "
+              f"kernel time {ratios[2]:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
