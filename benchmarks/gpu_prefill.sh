@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA tests and the GPU prefill targets in one run (about 6.5 minutes on an H100, most of it torch.compile):
+# The CUDA tests and the GPU prefill targets in one run (8-9 minutes on an H100, most of it compiling the language
+# model for the compile mode; a stage that runs past its limit keeps what it printed):
 #   0. tests:      python -m pytest -q tests/test_cuda.py (about a minute).
 #   1. llava:      LLaVA-1.5-7B shape (hidden 4096, 32 layers, 11008 FFN), random bf16 weights, ProxyV from layer 12,
 #                  one 576-token image, batch 1 and 8; eager, CUDA-graph and torch.compile(mode="reduce-overhead")

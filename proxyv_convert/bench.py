@@ -48,6 +48,7 @@ class BenchCase:
     flops_ratio: float = 0.0
     lm_prefill_ms: dict[str, float] = field(default_factory=dict)
     lm_prefill_ratio: float = 0.0
+    plan_ms: float = 0.0  # building the ProxyV plan of a prompt (host work, included in the ProxyV prefill times)
     prefill_ms: dict[str, float] = field(default_factory=dict)
     prefill_ratio: float = 0.0
     decode_ms_per_token: dict[str, float] = field(default_factory=dict)
@@ -120,6 +121,11 @@ def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int, war
             synchronize(device)
             times[name].append((time.perf_counter() - start) * 1000)
     return {name: round(statistics.median(values), 3) for name, values in times.items()}
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median milliseconds of `fn` on its own."""
+    return interleaved_medians({"fn": fn}, repeats, warmup, device)["fn"]
 
 
 class _TensorMemory:
@@ -389,6 +395,7 @@ def bench(
             case.lm_prefill_ms = interleaved_medians(timed, repeats, warmup, device)
             del timed  # frees the graphs' memory pools before the memory is measured
             case.lm_prefill_ratio = round(case.lm_prefill_ms["proxyv"] / case.lm_prefill_ms["off"], 4)
+            case.plan_ms = median_ms(runner.plan, repeats, warmup, device)
             if whole_model:
                 if progress:
                     progress(f"batch {batch}, {count} image(s): timing the whole-model prefill and decoding")
@@ -414,13 +421,14 @@ def format_report(report: BenchReport) -> str:
         f"reduce factor {report.reduce_factor}, {report.projections or 'separate'} k/v and gate/up products, "
         f"median of {report.repeats} interleaved repeats",
         f"{'batch':>5} {'images':>6} {'tokens':>6} {'GFLOPs off':>10} {'FLOPs ratio':>11} {'LM off ms':>9} "
-        f"{'LM ProxyV ms':>12} {'LM ratio':>8} {'ratio/FLOPs':>11} {'model ratio':>11} {'decode ratio':>12}",
+        f"{'LM ProxyV ms':>12} {'plan ms':>7} {'LM ratio':>8} {'ratio/FLOPs':>11} {'model ratio':>11} "
+        f"{'decode ratio':>12}",
     ]
     for c in report.cases:
         lines.append(
             f"{c.batch:>5} {c.images:>6} {c.image_tokens + c.text_tokens:>6} {c.flops['off']:>10.1f} "
             f"{c.flops_ratio:>11.3f} {c.lm_prefill_ms['off']:>9.1f} {c.lm_prefill_ms['proxyv']:>12.1f} "
-            f"{c.lm_prefill_ratio:>8.3f} {c.lm_prefill_ratio / c.flops_ratio:>11.3f} "
+            f"{c.plan_ms:>7.2f} {c.lm_prefill_ratio:>8.3f} {c.lm_prefill_ratio / c.flops_ratio:>11.3f} "
             f"{c.prefill_ratio or float('nan'):>11.3f} {c.decode_ratio or float('nan'):>12.3f}"
         )
     return "\n".join(lines)

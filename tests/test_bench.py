@@ -74,6 +74,7 @@ def test_bench_report_is_complete():
         for timing in (case.lm_prefill_ms, case.prefill_ms, case.decode_ms_per_token):
             assert set(timing) == {"off", "proxyv"} and min(timing.values()) > 0
         assert case.peak_memory_mb["off"] > 0 and case.peak_memory_mb["proxyv"] > 0
+        assert 0 < case.plan_ms < case.lm_prefill_ms["proxyv"]
         assert case.image_tokens == case.images * 576
     more_images = {c.images: c.flops_ratio for c in report.cases if c.batch == 1}
     assert more_images[2] < more_images[1], "more vision tokens, larger saving"
