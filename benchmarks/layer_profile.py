@@ -9,6 +9,9 @@ graph, which leaves out the host's launch overhead) for a ProxyV layer past the 
 ProxyV off, their ratio, and the kernels (CUDA) or operators (CPU) of one call of each, by device time. A layer
 is called with the keyword arguments the model gave it (captured by a forward pre-hook), so its work is exactly
 that of the model's prefill.
+
+With --whole, it also profiles whole language-model prefills (eager, ProxyV on and off) and prints the device (or
+CPU) time of every decoder layer inside them and of the work outside the layers, to compare with the layer alone.
 """
 
 from __future__ import annotations
@@ -109,6 +112,56 @@ def kernel_table(fn, device: torch.device, runs: int, rows: int) -> tuple[float,
     return total / 1000, "\n".join(lines)
 
 
+def per_layer_times(runner: Runner, proxyv: bool, runs: int) -> tuple[list[float], float]:
+    """(ms of each decoder layer, ms of the whole prefill) per run of the eager language-model prefill: kernel time
+    on CUDA (each layer's kernels are those launched inside its forward), CPU time on the CPU."""
+    layers = runner.core.language_model.layers
+    device = runner.model.device
+    on_device = device.type == "cuda"
+    open_ranges, hooks = {}, []
+    for i, layer in enumerate(layers):
+        def enter(module, args, i=i):
+            open_ranges[i] = torch.profiler.record_function(f"proxyv-bench layer {i}")
+            open_ranges[i].__enter__()
+
+        def leave(module, args, output, i=i):
+            open_ranges.pop(i).__exit__(None, None, None)
+
+        hooks += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
+    try:
+        runner.lm_prefill(proxyv)
+        synchronize(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+        with profile(activities=activities) as prof:
+            for _ in range(runs):
+                runner.lm_prefill(proxyv)
+            synchronize(device)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    averages = prof.key_averages()
+    inclusive = {e.key: (e.device_time_total if on_device else e.cpu_time_total) / 1000 / runs for e in averages}
+    times = [inclusive.get(f"proxyv-bench layer {i}", float("nan")) for i in range(len(layers))]
+    if on_device:
+        total = sum(e.self_device_time_total for e in averages if e.device_type != DeviceType.CPU) / 1000 / runs
+    else:
+        total = sum(e.self_cpu_time_total for e in averages) / 1000 / runs  # a layer's range holds its Python time
+    return times, total
+
+
+def whole_model_table(runner: Runner, start_layer: int, runs: int) -> str:
+    (off, off_total), (on, on_total) = (per_layer_times(runner, side, runs) for side in (False, True))
+    unit = "kernel" if runner.model.device.type == "cuda" else "CPU"
+    lines = [f"    whole language-model prefill, {unit} ms per run (eager; layers from {start_layer} are ProxyV)",
+             f"    {'layer':>7} {'off':>8} {'ProxyV':>8} {'ratio':>6}"]
+    for i, (a, b) in enumerate(zip(off, on, strict=True)):
+        lines.append(f"    {i:>7} {a:8.3f} {b:8.3f} {b / a:6.3f}")
+    outside = (off_total - sum(off), on_total - sum(on))
+    lines.append(f"    {'outside':>7} {outside[0]:8.3f} {outside[1]:8.3f}")
+    lines.append(f"    {'all':>7} {off_total:8.3f} {on_total:8.3f} {on_total / off_total:6.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = model_options(argparse.ArgumentParser(description=__doc__,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -120,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5, help="Profiled calls per side.")
     parser.add_argument("--rows", type=int, default=30, help="Kernels printed per table.")
     parser.add_argument("--separate-projections", action="store_true")
+    parser.add_argument("--whole", action="store_true",
+                        help="Also time every layer inside whole language-model prefills (eager, profiled).")
     args = parser.parse_args(argv)
     layer_index = args.start_layer + 1 if args.layer is None else args.layer
     if not args.start_layer < layer_index < args.layers:
@@ -147,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         ratios = [p / o for o, p in zip(results["off"], results["proxyv"])]
         print(f"ratio ProxyV/off, batch {batch} images {images}: eager {ratios[0]:.3f}, CUDA graph {ratios[1]:.3f}, "
               f"kernel time {ratios[2]:.3f}", flush=True)
+        if args.whole:
+            print(whole_model_table(runner, args.start_layer, args.runs), flush=True)
 
 
 if __name__ == "__main__":
