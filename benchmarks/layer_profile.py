@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 from prefill_speed import model_options, random_model
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from proxyv_convert.bench import Runner, synchronize, synthetic_inputs
+from proxyv_convert.bench import Runner, capture_cuda_graph, median_ms, synchronize, synthetic_inputs
 
 
 def captured_call(runner: Runner, layer: torch.nn.Module, proxyv: bool):
@@ -50,28 +49,9 @@ def captured_call(runner: Runner, layer: torch.nn.Module, proxyv: bool):
     return call
 
 
-def median_ms(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
-
-
 def graph_ms(fn, repeats: int) -> float:
     """Median milliseconds of replaying `fn` from a CUDA graph (events around each replay)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_cuda_graph(fn)
     for _ in range(3):
         graph.replay()
     times = []
@@ -193,13 +173,13 @@ def main(argv: list[str] | None = None) -> None:
         for side, on in (("off", False), ("proxyv", True)):
             call = captured_call(runner, layer, on)
             call()  # warm-up (and the automatic choice of fused products on the first ProxyV forward)
-            eager = median_ms(call, device, args.repeats)
+            eager = median_ms(call, args.repeats, 0, device)
             graphed = graph_ms(call, args.repeats) if device.type == "cuda" else float("nan")
             busy, table = kernel_table(call, device, args.runs, args.rows)
             results[side] = (eager, graphed, busy)
             print(f"-- {side}: eager {eager:.3f} ms, CUDA graph {graphed:.3f} ms, "
                   f"{'kernels' if device.type == 'cuda' else 'operators'} {busy:.3f} ms per call\n{table}", flush=True)
-        ratios = [p / o for o, p in zip(results["off"], results["proxyv"])]
+        ratios = [p / o for o, p in zip(results["off"], results["proxyv"], strict=True)]
         print(f"ratio ProxyV/off, batch {batch} images {images}: eager {ratios[0]:.3f}, CUDA graph {ratios[1]:.3f}, "
               f"kernel time {ratios[2]:.3f}", flush=True)
         if args.whole:

@@ -222,6 +222,21 @@ def plan_tensors(plan) -> list[torch.Tensor]:
     return [leaf for leaf in tree_leaves(fields) if isinstance(leaf, torch.Tensor)]
 
 
+def capture_cuda_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`fn` captured in a CUDA graph, and the output tensors the graph writes. Two calls on a side stream first keep
+    lazy initialisation (cuBLAS handles, workspaces) out of the graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class Runner:
     """The timed functions of one case, on one model, with ProxyV on and off."""
 
@@ -265,15 +280,7 @@ class Runner:
         static_plan = self.plan() if proxyv else None
         kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False,
                   **({"proxyv_plan": static_plan} if proxyv else {})}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # lazy initialisation (cuBLAS handles, workspaces) stays out of the graph
-            for _ in range(2):
-                self.lm(**kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.lm(**kwargs).last_hidden_state
+        graph, out = capture_cuda_graph(lambda: self.lm(**kwargs).last_hidden_state)
         targets = plan_tensors(static_plan) if proxyv else []
 
         def run() -> torch.Tensor:

@@ -377,7 +377,6 @@ class ProxyVPlan:
             query_rows=flat_rows(query_index, rows),
             vision_rows=flat_rows(vision_index, rows),
             split_rows=split_index.reshape(-1),
-            split_rows_seq=np.ascontiguousarray(split_index[:, :seq]).reshape(-1),  # the last layer drops the proxies
             upsample_rows=flat_rows(upsample_index, proxies),  # vision slot -> proxy slot, (B*V,)
         )
         self.num_vision = num_vision
@@ -404,8 +403,7 @@ class ProxyVPlan:
             self.learned_back: torch.Tensor | None = None
         self.query_index, self.proxy_source = on_device["query_index"], on_device["proxy_source"]
         self.query_rows, self.vision_rows = on_device["query_rows"], on_device["vision_rows"]
-        self.split_rows, self.split_rows_seq = on_device["split_rows"], on_device["split_rows_seq"]
-        self.upsample_rows = on_device["upsample_rows"]
+        self.split_rows, self.upsample_rows = on_device["split_rows"], on_device["upsample_rows"]
         self.mask = on_device["mask"]
         # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
         self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
@@ -650,7 +648,6 @@ class ProxyVDecoderLayerMixin:
         out_q = residual + attn.o_proj(attended)
         mlp_out = self._proxyv_mlp(backbone_norm(self.post_attention_layernorm, out_q))
         vision_mlp = plan.modules.vision_mlps[str(layer_idx)]
-        last = layer_idx == plan.last_layer
 
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # Both parts are written into one buffer, [query slots; vision slots], the vision slots updated in place;
@@ -661,13 +658,13 @@ class ProxyVDecoderLayerMixin:
             new_q = torch.add(out_q, mlp_out, out=buffer[:split].view(batch, queries, width))
             vision = torch.index_select(hidden_states.reshape(-1, width), 0, plan.vision_rows, out=buffer[split:])
             vision_mlp(vision.view(batch, -1, width), new_q[:, plan.num_text_slots :], plan.context, overwrite=True)
-            return buffer.index_select(0, plan.split_rows_seq if last else plan.split_rows).view(batch, -1, width)
-
-        out_q = out_q + mlp_out
-        vision = select_rows(hidden_states, plan.vision_rows)  # (B, V, H)
-        out_v = vision_mlp(vision, out_q[:, plan.num_text_slots :], plan.context)  # new proxies: (B, P, H)
-        out = plan.assemble(out_q, out_v)  # (B, T+P, H)
-        return out[:, :seq] if last else out
+            out = buffer.index_select(0, plan.split_rows).view(batch, -1, width)  # (B, T+P, H)
+        else:
+            out_q = out_q + mlp_out
+            vision = select_rows(hidden_states, plan.vision_rows)  # (B, V, H)
+            out_v = vision_mlp(vision, out_q[:, plan.num_text_slots :], plan.context)  # new proxies: (B, P, H)
+            out = plan.assemble(out_q, out_v)  # (B, T+P, H)
+        return out[:, :seq] if layer_idx == plan.last_layer else out  # the proxies end with the last layer
 
 
 _LAYER_CLASSES: dict[type, type] = {}
