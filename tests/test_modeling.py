@@ -335,6 +335,44 @@ def test_inference_and_gradient_paths_agree(proxyv, name):
     assert not torch.allclose(off, inference), "ProxyV must be on"
 
 
+def test_attention_mask_is_made_a_bias_once_per_forward(proxyv, monkeypatch):
+    """ProxyV layers give SDPA the plan's mask as one additive bias per forward (a boolean mask would be converted
+    inside every layer), in the states' dtype; a second forward with another prompt gets its own."""
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        if key.shape[-2] != query.shape[-2]:  # a ProxyV layer: queries are the text and proxy slots only
+            calls.append(attn_mask)
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    proxyv_layers = len(proxyv.model.language_model.layers) - proxyv.config.proxyv_start_layer
+    plans, biases = [], []
+    original = type(proxyv.model)._make_plan
+
+    def keep_plan(self, arguments):
+        plans.append(original(self, arguments))
+        return plans[-1]
+
+    monkeypatch.setattr(type(proxyv.model), "_make_plan", keep_plan)
+    for names in (["one image"], ["two images", "one image"]):
+        prompts = [PROMPTS[n] for n in names]
+        ids, mask = batch(prompts, "left")
+        plans.clear()
+        calls.clear()
+        with torch.no_grad():
+            proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixel_values_for(prompts))
+        assert len(calls) == proxyv_layers
+        assert all(bias is calls[0] for bias in calls), "one bias per forward, shared by the layers"
+        bias, allowed = calls[0], plans[0].mask
+        assert bias.dtype == proxyv.dtype and bias.shape == allowed.shape
+        assert torch.equal(bias, torch.where(allowed, 0.0, -65504.0).to(bias.dtype))
+        biases.append(bias)
+    assert biases[0].shape != biases[1].shape
+
 def greedy_without_cache(model, ids, mask, pixels, steps: int) -> torch.Tensor:
     """Greedy decoding that recomputes the whole sequence at every step (no KV cache)."""
     for _ in range(steps):

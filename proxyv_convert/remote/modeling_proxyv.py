@@ -38,6 +38,9 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from .configuration_proxyv import ProxyVLlavaConfig, ProxyVLlavaNextConfig, vision_grid
 
+# The additive attention bias of a masked key: what torch itself turns a boolean mask into for cuDNN attention (where
+# -inf can give NaNs); finite in float16 and bfloat16, and far enough below any score that the softmax gives exactly 0.
+MASKED_BIAS = -65504.0
 TEXT, VISION, PROXY, NEWLINE = 0, 1, 2, 3  # NEWLINE: an image token outside every grid, computed like text
 
 
@@ -409,6 +412,7 @@ class ProxyVPlan:
         self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
         self._rope_source: torch.Tensor | None = None
         self._rope: tuple[torch.Tensor, ...] = ()
+        self._bias: torch.Tensor | None = None
 
     def _attention_mask(self, host: dict[str, np.ndarray], attention_mask, sliding_window) -> np.ndarray:
         """(B, 1, Q, T + P), True = attend. Causal by order; text (and newline tokens, computed like text) never sees
@@ -487,8 +491,9 @@ class ProxyVPlan:
         return proxies.view(batch, self.num_proxies, width)
 
     def rope(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """(cos, signed sin) of the T + P key rows and of the query rows, each (B, 1, L, d), for `apply_rope`; computed
-        once per forward."""
+        """(cos, signed sin) of the T + P key rows and of the query rows, each (B, 1, L, d), for `apply_rope`, and the
+        attention mask as an additive bias in the states' dtype (see `attention_bias`); computed once per forward (a
+        forward's position embeddings are new tensors)."""
         cos, sin = position_embeddings
         if self._rope_source is not cos:
             batch = self.query_index.shape[0]
@@ -501,12 +506,21 @@ class ProxyVPlan:
                 tables.append((keys, gather_rows(keys, self.query_index)))
             (cos_k, cos_q), (sin_k, sin_q) = tables
             self._rope = (cos_k[:, None], sin_k[:, None], cos_q[:, None], sin_q[:, None])
+            self._bias = torch.full_like(self.mask, MASKED_BIAS, dtype=cos.dtype).masked_fill_(self.mask, 0.0)
             self._rope_source = cos
         return self._rope
 
+    @property
+    def attention_bias(self) -> torch.Tensor:
+        """The attention mask as an additive bias (0 where a query attends, MASKED_BIAS elsewhere), made by `rope` once
+        per forward: SDPA would otherwise turn the boolean mask into one in every layer (two more kernels per
+        layer)."""
+        return self._bias
 
-def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor) -> torch.Tensor:
-    """Masked attention of (B, h, Q, d) queries over (B, kv_h, K, d) keys/values -> (B, Q, h, d)."""
+
+def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Masked attention of (B, h, Q, d) queries over (B, kv_h, K, d) keys/values -> (B, Q, h, d); `mask` (True =
+    attend) and the same mask as an additive `bias` (for SDPA)."""
     groups = attn.num_key_value_groups
     dropout = attn.attention_dropout if attn.training else 0.0
     if attn.config._attn_implementation == "eager":
@@ -520,7 +534,7 @@ def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor) -> 
         out = torch.matmul(weights, value)
     else:
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=attn.scaling, enable_gqa=groups > 1
+            query, key, value, attn_mask=bias, dropout_p=dropout, scale=attn.scaling, enable_gqa=groups > 1
         )
     return out.transpose(1, 2)
 
@@ -643,7 +657,7 @@ class ProxyVDecoderLayerMixin:
         if cache is not None:  # the cache gets the sequence's own keys/values, never the proxies'
             cache.update(key[:, :, :seq], value[:, :, :seq], layer_idx)
 
-        attended = proxyv_attention(attn, query, key, value, plan.mask).reshape(batch, queries, -1)
+        attended = proxyv_attention(attn, query, key, value, plan.mask, plan.attention_bias).reshape(batch, queries, -1)
         residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
         out_q = residual + attn.o_proj(attended)
         mlp_out = self._proxyv_mlp(backbone_norm(self.post_attention_layernorm, out_q))
