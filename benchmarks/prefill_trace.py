@@ -9,6 +9,8 @@ For every case, mode (eager; on CUDA also the CUDA graph of `Runner.cuda_graph_p
   wall:     the run, start to end (what the benchmark's median is made of);
   plan:     host time building the ProxyV plan (inside the run);
   to GPU:   from the run's start to its first kernel (the host work before the device has anything to do);
+  replay:   CUDA graph: from the run's start to the graph's launch (the host work before it, whether or not the
+            profiler sees the kernels inside graphs);
   span:     the first kernel's start to the last kernel's end;
   busy:     the kernels' own time (span - busy: the device idle between kernels);
   kernels:  kernels and copies on the device.
@@ -31,7 +33,21 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from proxyv_convert.bench import Runner, synchronize, synthetic_inputs
 
-RUN, PLAN = "prefill-trace run", "prefill-trace plan"
+RUN, PLAN, REPLAY = "prefill-trace run", "prefill-trace plan", "prefill-trace replay"
+
+
+def mark_graph_replays() -> None:
+    """Every CUDA graph replay marked in the profile."""
+    replay = torch.cuda.CUDAGraph.replay
+
+    def marked(graph):
+        with record_function(REPLAY):
+            return replay(graph)
+
+    torch.cuda.CUDAGraph.replay = marked
+
+
+COLUMNS = ("wall", "plan", "to GPU", "replay", "span", "busy", "kernels")
 
 
 def with_plan_range(runner: Runner) -> Runner:
@@ -65,13 +81,15 @@ def run_table(fn, device: torch.device, runs: int, warmup: int, trace: Path | No
                     if e.name == RUN and e.device_type == DeviceType.CPU)
     plans = [(e.time_range.start, e.time_range.end) for e in events
              if e.name == PLAN and e.device_type == DeviceType.CPU]
+    replays = [e.time_range.start for e in events if e.name == REPLAY and e.device_type == DeviceType.CPU]
     kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
-    rows: dict[str, list[float]] = {name: [] for name in ("wall", "plan", "to GPU", "span", "busy", "kernels")}
+    rows: dict[str, list[float]] = {name: [] for name in COLUMNS}
     for start, end in ranges:
         mine = [(a, b) for a, b in kernels if start <= a <= end]
         rows["wall"].append(end - start)
         rows["plan"].append(sum(b - a for a, b in plans if start <= a <= end))
         rows["kernels"].append(len(mine))
+        rows["replay"] += [at - start for at in replays if start <= at <= end][:1]
         if mine:
             rows["to GPU"].append(mine[0][0] - start)
             rows["span"].append(max(b for _, b in mine) - mine[0][0])
@@ -96,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     model = random_model(args, args.start_layer)
     device = model.device
     modes = ["eager", "cuda-graph"] if device.type == "cuda" else ["eager"]
-    columns = ("wall", "plan", "to GPU", "span", "busy", "kernels")
+    if device.type == "cuda":
+        mark_graph_replays()
+    columns = COLUMNS
     for case in args.cases:
         batch, images = (int(n) for n in case.split("x"))
         runner = with_plan_range(Runner(model, synthetic_inputs(model, batch, images, args.text_tokens)))

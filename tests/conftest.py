@@ -15,10 +15,10 @@ from hub_server import local_hub  # noqa: E402,F401
 
 @pytest.fixture(autouse=True, scope="session")
 def _first_cos():
-    """The first float32 `cos` of a process sometimes (5 of 44 processes in one measurement) returns values up to
-    1.5e-4 off for arguments in the hundreds, every later call agrees with float64 to 1e-5: a model's first forward
-    then has slightly wrong rotary tables, and a test comparing it with a reference tightly would fail by chance. The
-    session takes that first call here (with it, 0 of 48 processes had the wrong tables)."""
+    """On this machine's torch CPU build the first float32 `cos` of a process now and then returns values up to
+    1.5e-4 off for arguments in the hundreds, while every later call agrees with float64 to 1e-5: a model's first
+    forward then has slightly wrong rotary tables, and a test comparing it tightly with a reference fails by chance.
+    The session takes that first call here."""
     import torch
 
     torch.cos(torch.arange(4096, dtype=torch.float32))

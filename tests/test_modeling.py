@@ -373,6 +373,25 @@ def test_attention_mask_is_made_a_bias_once_per_forward(proxyv, monkeypatch):
         biases.append(bias)
     assert biases[0].shape != biases[1].shape
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_bias_computes_what_the_boolean_mask_computes(proxyv, dtype, monkeypatch):
+    import copy
+
+    from proxyv_convert.remote import modeling_proxyv
+
+    model = copy.deepcopy(proxyv).to(dtype)
+    prompts = [PROMPTS[n] for n in ["one image", "two images", "no image"]]
+    ids, mask = batch(prompts, "left")
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values_for(prompts).to(dtype)}
+    with torch.no_grad():
+        with_bias = model(**inputs).logits
+        attention = modeling_proxyv.proxyv_attention
+        monkeypatch.setattr(modeling_proxyv, "proxyv_attention",
+                            lambda attn, query, key, value, mask, bias: attention(attn, query, key, value, mask, mask))
+        with_mask = model(**inputs).logits
+    assert torch.equal(with_bias, with_mask)
+
 def greedy_without_cache(model, ids, mask, pixels, steps: int) -> torch.Tensor:
     """Greedy decoding that recomputes the whole sequence at every step (no KV cache)."""
     for _ in range(steps):
