@@ -53,8 +53,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     # datasets reads this when it is imported (only commands that read a dataset import it)
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    if sys.modules.get("datasets") is not None:  # imported already
-        sys.modules["datasets"].disable_progress_bars()
+    datasets = sys.modules.get("datasets")
+    if datasets is not None:  # imported already
+        datasets.disable_progress_bars()
 
 
 RecipeOption = Annotated[

@@ -73,7 +73,7 @@ def select_rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Llama's rotary embedding, x * cos + rotate_half(x) * sin, in three operations: x: (B, heads, L, d); cos and
-    signed_sin (sin with its first half negated, see `ProxyVPlan.rope`): (B, 1, L, d). rotate_half(x) * sin is
+    signed_sin (sin with its first half negated, see `ProxyVPlan.layer_tables`): (B, 1, L, d). rotate_half(x) * sin is
     swap_halves(x) * signed_sin, added half by half to x * cos: five tensor-sized reads and writes, where a swapped
     copy of x would take seven (same roundings, the same result)."""
     out = x * cos
@@ -410,9 +410,8 @@ class ProxyVPlan:
         self.mask = on_device["mask"]
         # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
         self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
-        self._rope_source: torch.Tensor | None = None
-        self._rope: tuple[torch.Tensor, ...] = ()
-        self._bias: torch.Tensor | None = None
+        self._tables_source: torch.Tensor | None = None
+        self._tables: tuple[torch.Tensor, ...] = ()
 
     def _attention_mask(self, host: dict[str, np.ndarray], attention_mask, sliding_window) -> np.ndarray:
         """(B, 1, Q, T + P), True = attend. Causal by order; text (and newline tokens, computed like text) never sees
@@ -490,12 +489,13 @@ class ProxyVPlan:
             proxies = proxies.index_copy(0, slots, small.permute(0, 2, 3, 1).reshape(-1, width))
         return proxies.view(batch, self.num_proxies, width)
 
-    def rope(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """(cos, signed sin) of the T + P key rows and of the query rows, each (B, 1, L, d), for `apply_rope`, and the
-        attention mask as an additive bias in the states' dtype (see `attention_bias`); computed once per forward (a
-        forward's position embeddings are new tensors)."""
+    def layer_tables(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """What every ProxyV layer of a forward shares, made once per forward (a forward's position embeddings are new
+        tensors): (cos, signed sin) of the T + P key rows and of the query rows, each (B, 1, L, d), for `apply_rope`,
+        and the attention mask as an additive bias in the states' dtype (0 where a query attends, MASKED_BIAS
+        elsewhere; SDPA would otherwise turn the boolean mask into one in every layer: two more kernels per layer)."""
         cos, sin = position_embeddings
-        if self._rope_source is not cos:
+        if self._tables_source is not cos:
             batch = self.query_index.shape[0]
             half = sin.shape[-1] // 2
             signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # see apply_rope
@@ -505,17 +505,10 @@ class ProxyVPlan:
                 keys = torch.cat([table, gather_rows(table, self.proxy_source)], dim=1)
                 tables.append((keys, gather_rows(keys, self.query_index)))
             (cos_k, cos_q), (sin_k, sin_q) = tables
-            self._rope = (cos_k[:, None], sin_k[:, None], cos_q[:, None], sin_q[:, None])
-            self._bias = torch.full_like(self.mask, MASKED_BIAS, dtype=cos.dtype).masked_fill_(self.mask, 0.0)
-            self._rope_source = cos
-        return self._rope
-
-    @property
-    def attention_bias(self) -> torch.Tensor:
-        """The attention mask as an additive bias (0 where a query attends, MASKED_BIAS elsewhere), made by `rope` once
-        per forward: SDPA would otherwise turn the boolean mask into one in every layer (two more kernels per
-        layer)."""
-        return self._bias
+            bias = torch.full_like(self.mask, MASKED_BIAS, dtype=cos.dtype).masked_fill_(self.mask, 0.0)
+            self._tables = (cos_k[:, None], sin_k[:, None], cos_q[:, None], sin_q[:, None], bias)
+            self._tables_source = cos
+        return self._tables
 
 
 def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -643,7 +636,7 @@ class ProxyVDecoderLayerMixin:
             hidden_states = torch.cat([hidden_states, plan.make_proxies(hidden_states)], dim=1)
         batch, rows, _ = hidden_states.shape  # rows = T + P
         queries = plan.query_index.shape[1]
-        cos_k, sin_k, cos_q, sin_q = plan.rope(position_embeddings)
+        cos_k, sin_k, cos_q, sin_q, bias = plan.layer_tables(position_embeddings)
 
         normed = backbone_norm(self.input_layernorm, hidden_states)  # (B, T+P, H)
         key, value = self._proxyv_kv(normed)
@@ -657,7 +650,7 @@ class ProxyVDecoderLayerMixin:
         if cache is not None:  # the cache gets the sequence's own keys/values, never the proxies'
             cache.update(key[:, :, :seq], value[:, :, :seq], layer_idx)
 
-        attended = proxyv_attention(attn, query, key, value, plan.mask, plan.attention_bias).reshape(batch, queries, -1)
+        attended = proxyv_attention(attn, query, key, value, plan.mask, bias).reshape(batch, queries, -1)
         residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
         out_q = residual + attn.o_proj(attended)
         mlp_out = self._proxyv_mlp(backbone_norm(self.post_attention_layernorm, out_q))
