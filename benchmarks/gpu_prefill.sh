@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA tests and the GPU prefill targets in one run (about 4 minutes on an H100; each stage has a time limit and
 # a stage that runs past it keeps what it printed):
-#   tests:       python -m pytest -q tests/test_cuda.py (about a minute and a half).
+#   tests:       python -m pytest -q tests/test_cuda.py in one process (about a minute and a half).
 #   llava:       LLaVA-1.5-7B shape (hidden 4096, 32 layers, 11008 FFN), random bf16 weights, ProxyV from layer 12,
 #                one 576-token image, batch 1 and 8; eager and CUDA-graph modes; whole-model prefill and decode per
 #                token (eager).
@@ -58,7 +58,7 @@ fi
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     2>&1 | tee -a "$out/device.log"
 
-stage tests 150 "$python" -m pytest -q tests/test_cuda.py
+stage tests 150 "$python" -m pytest -q -o addopts=-ra tests/test_cuda.py  # one process, with or without xdist
 
 speed=("$python" benchmarks/prefill_speed.py "${model[@]}" --start-layers "$start" "${timing[@]}")
 stage llava 150 "${speed[@]}" --cases 1x1 8x1 --modes "${modes[@]}" --json "$out/llava.json"

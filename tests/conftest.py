@@ -7,10 +7,51 @@ import pytest
 # Before anything imports huggingface_hub: no telemetry calls to huggingface.co from tests.
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+
+def usable_cores() -> int:
+    """The cores this process may run on, within the CPU quota of its cgroup (a container's quota can be below the
+    cores it sees)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+# A parallel run (pytest-xdist, `-n auto`: one worker per usable core) shares the cores among its workers: each
+# worker, and every process a test starts, computes with its share of threads. (Torch's default, one thread per
+# core in every process, oversubscribes the cores, and its waiting threads then slow every test several times.)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    THREADS = max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+else:
+    THREADS = None
+
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
 from hub_server import local_hub  # noqa: E402,F401
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: `-n auto` starts one worker per usable core
+def pytest_xdist_auto_num_workers(config):
+    return usable_cores()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first: a parallel run hands them out at once instead of ending with one of them alone."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    if THREADS is not None:
+        import torch
+
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,8 +1,8 @@
 """The ProxyV model, torch.compile and `proxyv bench` on a CUDA device.
 
 Machines without CUDA skip this module (pytest lists it as skipped); on a GPU machine run
-`python -m pytest -q tests/test_cuda.py`. float32 checks run with TF32 off, so that GPU arithmetic is comparable with
-the CPU reference.
+`python -m pytest -q -n0 tests/test_cuda.py` (in one process: one device). float32 checks run with TF32 off, so that
+GPU arithmetic is comparable with the CPU reference.
 """
 
 from __future__ import annotations

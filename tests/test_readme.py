@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -23,6 +25,7 @@ def test_readme_gives_two_commands_and_ci_runs_the_test_command():
     assert tests in (ROOT / ".ci" / "run").read_text(), "CI runs exactly the README's test command"
 
 
+@pytest.mark.longest
 def test_main_command_runs_the_built_in_model(tmp_path):
     command = quick_start_commands()[0].rsplit("&& ", 1)[1]  # the job itself, after the set-up
     assert command == ".venv/bin/proxyv run llava-shapes"
