@@ -22,13 +22,12 @@ def usable_cores() -> int:
 
 
 # A parallel run (pytest-xdist, `-n auto`: one worker per usable core) shares the cores among its workers: each
-# worker, and every process a test starts, computes with its share of threads. (Torch's default, one thread per
-# core in every process, oversubscribes the cores, and its waiting threads then slow every test several times.)
+# worker, and every process a test starts, computes with its share of threads (set here, before anything imports
+# torch). Torch's default, one thread per core in every process, oversubscribes the cores, and its waiting threads
+# then slow every test several times.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    THREADS = max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
-else:
-    THREADS = None
+    threads = str(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -44,14 +43,6 @@ def pytest_xdist_auto_num_workers(config):
 def pytest_collection_modifyitems(config, items):
     """The longest tests first: a parallel run hands them out at once instead of ending with one of them alone."""
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _threads():
-    if THREADS is not None:
-        import torch
-
-        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True, scope="session")

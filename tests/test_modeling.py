@@ -392,6 +392,7 @@ def test_the_bias_computes_what_the_boolean_mask_computes(proxyv, dtype, monkeyp
         with_mask = model(**inputs).logits
     assert torch.equal(with_bias, with_mask)
 
+
 def greedy_without_cache(model, ids, mask, pixels, steps: int) -> torch.Tensor:
     """Greedy decoding that recomputes the whole sequence at every step (no KV cache)."""
     for _ in range(steps):
