@@ -11,8 +11,10 @@
 #   --compile    also torch.compile(mode="reduce-overhead") for the three cases (compiling the 32-layer model takes
 #                1.5-3 minutes per case and side; about 6 more minutes).
 #   --diagnose   also benchmarks/prefill_trace.py (where each timed run's time goes: host work before the device
-#                starts, device busy, device idle; Chrome traces in OUTPUT_DIR/traces) and benchmarks/layer_profile.py
-#                --whole (each layer alone and inside whole prefills) for the three cases (about 3 more minutes).
+#                starts, device busy, device idle; Chrome traces in OUTPUT_DIR/traces), benchmarks/layer_profile.py
+#                --whole (each layer alone and inside whole prefills) for the three cases, and
+#                benchmarks/forward_variants.py (other forms of the ProxyV forward and the prefill without its plan's
+#                host work, CUDA graphs, batch 1 and 8) (about 4 more minutes).
 # SMOKE=1 runs every stage on the CPU with a tiny model (a check of the script itself, a few seconds a stage).
 # Usage: bash benchmarks/gpu_prefill.sh [--compile] [--diagnose] [OUTPUT_DIR]   (default folder: ./gpu-prefill)
 # A failing stage does not stop the next; the exit status says if any failed.
@@ -48,10 +50,12 @@ if [[ ${SMOKE:-0} == 1 ]]; then
     model=(--device cpu --dtype float32 --hidden 64 --intermediate 128 --layers 4 --heads 4 --vision-hidden 32
            --vision-layers 1)
     start=2 modes=(eager) timing=(--repeats 2 --warmup 1 --decode-tokens 2) profiling=(--runs 1 --repeats 2)
+    variants=(--repeats 2 --warmup 1)
 else
     model=(--device cuda --dtype bfloat16 --hidden 4096 --intermediate 11008 --layers 32 --heads 32
            --vision-hidden 1024 --vision-layers 2)
     start=12 modes=(eager cuda-graph) timing=(--repeats 20 --warmup 5 --decode-tokens 32) profiling=(--runs 3)
+    variants=(--repeats 15 --warmup 3)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 \
         | tee "$out/device.log"
 fi
@@ -65,13 +69,15 @@ stage llava 150 "${speed[@]}" --cases 1x1 8x1 --modes "${modes[@]}" --json "$out
 stage llava-next 100 "${speed[@]}" --arch llava_next --cases 1x1 --modes "${modes[@]}" --json "$out/llava-next.json"
 summaries=("$out/llava.log" "$out/llava-next.log")
 
-if ((diagnose)); then
+if ((diagnose)); then  # the LLaVA-1.5 stages first: its 576-token cases are the ones to explain
+    stage variants-llava 90 "$python" benchmarks/forward_variants.py "${model[@]}" --start-layer "$start" \
+        --cases 1x1 8x1 "${variants[@]}"
     trace=("$python" benchmarks/prefill_trace.py "${model[@]}" --start-layer "$start" --runs 3)
-    stage trace-llava 100 "${trace[@]}" --cases 1x1 8x1 --traces "$out/traces"
-    stage trace-llava-next 60 "${trace[@]}" --arch llava_next --cases 1x1 --traces "$out/traces"
     layers=("$python" benchmarks/layer_profile.py "${model[@]}" --start-layer "$start" --whole --rows 45
             "${profiling[@]}")
+    stage trace-llava 100 "${trace[@]}" --cases 1x1 8x1 --traces "$out/traces"
     stage layers-llava 120 "${layers[@]}" --cases 1x1 8x1
+    stage trace-llava-next 60 "${trace[@]}" --arch llava_next --cases 1x1 --traces "$out/traces"
     stage layers-llava-next 60 "${layers[@]}" --arch llava_next --cases 1x1
 fi
 

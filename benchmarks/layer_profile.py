@@ -21,7 +21,7 @@ import statistics
 import sys
 
 import torch
-from prefill_speed import model_options, random_model
+from prefill_speed import case_options, model_options, random_model
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -143,12 +143,9 @@ def whole_model_table(runner: Runner, start_layer: int, runs: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = model_options(argparse.ArgumentParser(description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.add_argument("--start-layer", type=int, default=8)
+    parser = case_options(model_options(argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)))
     parser.add_argument("--layer", type=int, help="The layer timed (default: the one after the start layer).")
-    parser.add_argument("--cases", nargs="+", default=["1x1"], help="BATCHxIMAGES cases, e.g. 1x1 8x1.")
-    parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--runs", type=int, default=5, help="Profiled calls per side.")
     parser.add_argument("--rows", type=int, default=30, help="Kernels printed per table.")

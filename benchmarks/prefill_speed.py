@@ -79,6 +79,15 @@ def model_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def case_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of the scripts that look at one start layer in BATCHxIMAGES cases (layer_profile.py,
+    prefill_trace.py, forward_variants.py)."""
+    parser.add_argument("--start-layer", type=int, default=8)
+    parser.add_argument("--cases", nargs="+", default=["1x1"], help="BATCHxIMAGES cases, e.g. 1x1 8x1.")
+    parser.add_argument("--text-tokens", type=int, default=64)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = model_options(argparse.ArgumentParser(description=__doc__,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter))

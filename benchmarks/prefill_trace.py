@@ -9,8 +9,9 @@ For every case, mode (eager; on CUDA also the CUDA graph of `Runner.cuda_graph_p
   wall:     the run, start to end (what the benchmark's median is made of);
   plan:     host time building the ProxyV plan (inside the run);
   to GPU:   from the run's start to its first kernel (the host work before the device has anything to do);
-  replay:   CUDA graph: from the run's start to the graph's launch (the host work before it, whether or not the
-            profiler sees the kernels inside graphs);
+  replay:   CUDA graph: from the run's start to the first graph's launch (the host work before it, whether or not
+            the profiler sees the kernels inside graphs; ProxyV builds its plan after launching the first of its two
+            graphs, see `Runner.cuda_graph_prefill`);
   span:     the first kernel's start to the last kernel's end;
   busy:     the kernels' own time (span - busy: the device idle between kernels);
   kernels:  kernels and copies on the device.
@@ -27,7 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from prefill_speed import model_options, random_model
+from prefill_speed import case_options, model_options, random_model
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -99,11 +100,8 @@ def run_table(fn, device: torch.device, runs: int, warmup: int, trace: Path | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = model_options(argparse.ArgumentParser(description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.add_argument("--start-layer", type=int, default=8)
-    parser.add_argument("--cases", nargs="+", default=["1x1"], help="BATCHxIMAGES cases, e.g. 1x1 8x1.")
-    parser.add_argument("--text-tokens", type=int, default=64)
+    parser = case_options(model_options(argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)))
     parser.add_argument("--runs", type=int, default=5, help="Profiled runs per side and mode.")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--traces", type=Path, help="Write every profile here as a Chrome trace (.json.gz).")

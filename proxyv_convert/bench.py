@@ -12,6 +12,7 @@ For each case (batch size, images per prompt) it reports
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -237,6 +238,42 @@ def capture_cuda_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, 
     return graph, out
 
 
+class _Cut(Exception):
+    """Ends a forward before a chosen decoder layer (see `split_prefill`)."""
+
+
+def split_prefill(lm, kwargs: dict, layer: int) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """The language model's forward with `kwargs`, cut before decoder layer `layer`: head() runs the model's own
+    forward up to that layer (a pre-hook on it ends the forward) and returns the hidden states it would pass on;
+    tail() runs that layer and the ones after it (with the arguments the forward gave it, as the forward's loop
+    does) and the final norm on what the last head() left, and returns the forward's last_hidden_state."""
+    layers = lm.layers[: lm.config.num_hidden_layers]
+    seen: dict = {}
+
+    def cut(module, args, layer_kwargs):
+        seen["kwargs"] = dict(layer_kwargs)
+        seen["hidden"] = args[0] if args else seen["kwargs"].pop("hidden_states")
+        raise _Cut
+
+    def head() -> torch.Tensor:
+        handle = layers[layer].register_forward_pre_hook(cut, with_kwargs=True)
+        try:
+            lm(**kwargs)
+        except _Cut:
+            return seen["hidden"]
+        finally:
+            handle.remove()
+        raise RuntimeError(f"the forward never reached decoder layer {layer}")
+
+    def tail() -> torch.Tensor:
+        hidden = seen["hidden"]
+        for module in layers[layer:]:
+            hidden = module(hidden, **seen["kwargs"])
+        return lm.norm(hidden)
+
+    return head, tail
+
+
 class Runner:
     """The timed functions of one case, on one model, with ProxyV on and off."""
 
@@ -246,6 +283,9 @@ class Runner:
         self.lm = self.core.language_model if compiled_lm is None else compiled_lm
         device, dtype = model.device, model.dtype
         self.inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        # What a server has on the host before a prefill: the token ids, the attention mask (and image sizes). The
+        # ProxyV plan is built from these, so building it waits for nothing the device is doing.
+        self.prompt = {k: v.cpu() for k, v in inputs.items() if k != "pixel_values"}
         with torch.no_grad():
             sizes = {"image_sizes": self.inputs["image_sizes"]} if "image_sizes" in self.inputs else {}
             features = self.core.get_image_features(pixel_values=self.inputs["pixel_values"], **sizes).pooler_output
@@ -263,7 +303,8 @@ class Runner:
         return runner
 
     def plan(self):
-        return self.core._make_plan({k: v for k, v in self.inputs.items() if k != "pixel_values"})
+        """The ProxyV plan of the prompt, built on the host from `prompt`, its tensors on the model's device."""
+        return self.core._make_plan(dict(self.prompt), device=self.model.device)
 
     @torch.no_grad()
     def lm_prefill(self, proxyv: bool):
@@ -272,25 +313,45 @@ class Runner:
             kwargs["proxyv_plan"] = self.plan()
         return self.lm(**kwargs).last_hidden_state
 
-    @torch.no_grad()
-    def cuda_graph_prefill(self, proxyv: bool) -> Callable[[], torch.Tensor]:
-        """The language-model prefill captured in a CUDA graph. The returned function does what serving a new
-        prompt through the graph takes: with ProxyV it builds the prompt's plan on the host and copies the plan's
-        tensors into the captured ones, then it replays the graph. It returns the graph's output tensor."""
-        static_plan = self.plan() if proxyv else None
+    def cuda_graph_prefill(self, proxyv: bool, split: bool = True,
+                           forms: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                           ) -> Callable[[], torch.Tensor]:
+        """The language-model prefill in CUDA graphs. The returned function does what serving a new prompt through
+        them takes and returns the output tensor the graphs write.
+
+        ProxyV off: one graph of the prefill. ProxyV on: two graphs, the layers before the start layer and the rest:
+        the first is replayed, the new prompt's plan is built on the host while the device runs it and is copied into
+        the captured plan's tensors, then the second is replayed, so the plan's host work hides behind device work.
+        `split=False`: one graph, the plan built and copied before it is replayed. `forms`: a context in which the
+        graphs are captured (benchmarks/forward_variants.py captures other forms of the forward in it)."""
+        # Made on both sides: the first ProxyV plan on a device settles the layout of the weights (it may fuse them),
+        # which must not change under a captured graph.
+        static_plan = self.plan()
         kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False,
                   **({"proxyv_plan": static_plan} if proxyv else {})}
-        graph, out = capture_cuda_graph(lambda: self.lm(**kwargs).last_hidden_state)
+        with torch.no_grad(), forms():
+            if proxyv and split:
+                head, tail = split_prefill(self.lm, kwargs, self.model.config.proxyv_start_layer)
+                first, _ = capture_cuda_graph(head)
+                first.replay()  # the second graph's warm-up calls read what the first writes
+                second, out = capture_cuda_graph(tail)
+                graphs, keep = (first, second), (head, tail)  # the second graph reads what head() handed on
+            else:
+                graph, out = capture_cuda_graph(lambda: self.lm(**kwargs).last_hidden_state)
+                graphs, keep = (graph,), ()
         targets = plan_tensors(static_plan) if proxyv else []
 
         def run() -> torch.Tensor:
+            if len(graphs) == 2:
+                graphs[0].replay()
             if proxyv:
                 for target, value in zip(targets, plan_tensors(self.plan()), strict=True):
                     target.copy_(value, non_blocking=True)
-            graph.replay()
+            graphs[-1].replay()
             return out
 
-        run.graph = graph  # keeps the graph (and its memory pool) alive with the function
+        # The graphs (with their memory pools) and every tensor they read live as long as the function.
+        run.graphs, run.out, run.keep = graphs, out, keep
         return run
 
     @torch.no_grad()
@@ -329,8 +390,6 @@ class Runner:
         return {side: round(statistics.median(values[1:] or values), 3) for side, values in times.items()}
 
     def _mode(self, proxyv: bool):
-        import contextlib
-
         return contextlib.nullcontext() if proxyv else self.model.proxyv_disabled()
 
 

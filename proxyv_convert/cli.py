@@ -384,7 +384,8 @@ def bench(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the language model (both sides)."
                                                 )] = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA only: capture each side's language-model "
-                                             "prefill in a CUDA graph and time its replays.")] = False,
+                                             "prefill in CUDA graphs (ProxyV's in two, its plan built while the first "
+                                             "runs) and time their replays.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (as stored), float32, bfloat16 or float16.")] = "auto",
     attn: Annotated[str, typer.Option(help="Attention implementation: sdpa or eager.")] = "sdpa",

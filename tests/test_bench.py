@@ -209,3 +209,60 @@ def test_a_plan_copied_into_another_computes_the_new_prompt(proxy):
         assert target.shape == value.shape
         target.copy_(value)
     torch.testing.assert_close(run(captured), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_a_prefill_cut_before_the_start_layer_computes_the_whole_prefill(arch):
+    """`bench --cuda-graph` runs the ProxyV prefill as two graphs, cut before the start layer (the plan is built
+    between them). The two halves, run one after the other, give the language model's own output bit for bit, with
+    ProxyV on and off, and leave no hook behind; a cut past the last layer is an error."""
+    from proxyv_convert.bench import Runner, plan_tensors, split_prefill
+
+    if arch == "llava":
+        model = convert_in_memory(tiny_llava(), randomize=True)
+    else:
+        from test_llava_next import converted as next_converted
+        from tiny_models import tiny_llava_next
+
+        model = next_converted(tiny_llava_next(seed=4))
+    inputs = synthetic_inputs(model, batch=2, images=1, text_tokens=12)
+    inputs["attention_mask"][1, :3] = 0  # left padding in the second prompt
+    runner = Runner(model, inputs)
+    lm, start = model.model.language_model, model.config.proxyv_start_layer
+    for proxyv in (False, True):
+        kwargs = {"inputs_embeds": runner.embeds, "attention_mask": runner.inputs["attention_mask"],
+                  "use_cache": False, **({"proxyv_plan": runner.plan()} if proxyv else {})}
+        with torch.no_grad():
+            whole = lm(**kwargs).last_hidden_state
+            head, tail = split_prefill(lm, kwargs, start)
+            passed = head()
+            assert passed.shape == (2, inputs["input_ids"].shape[1], model.config.text_config.hidden_size)
+            assert torch.equal(tail(), whole)
+            assert not any(layer._forward_pre_hooks for layer in lm.layers)
+    # As in the graphs: a new prompt's plan copied into the captured one, then only the second half runs again (the
+    # first half's outputs, position embeddings included, are the same tensors as before).
+    ids = inputs["input_ids"]
+    other = Runner(model, dict(inputs, input_ids=torch.cat([ids[:, -5:], ids[:, :-5]], dim=1)))
+    new_plan = other.plan()
+    for target, value in zip(plan_tensors(kwargs["proxyv_plan"]), plan_tensors(new_plan), strict=True):
+        target.copy_(value)
+    with torch.no_grad():
+        expected = lm(**dict(kwargs, proxyv_plan=new_plan)).last_hidden_state
+        assert (expected - whole).abs().max() > 1e-3  # the image moved: a different prefill
+        assert torch.equal(tail(), expected)
+    with pytest.raises(IndexError):
+        split_prefill(lm, kwargs, len(lm.layers))[0]()
+
+
+def test_the_plan_is_built_from_the_prompt_on_the_host():
+    """The benchmark builds a prompt's plan from host-side token ids and attention mask, for the model's device:
+    the same plan as from the inputs on that device (so nothing waits for the device while it is built)."""
+    from proxyv_convert.bench import Runner, plan_tensors
+
+    model = convert_in_memory(tiny_llava(), randomize=True)
+    runner = Runner(model, synthetic_inputs(model, batch=2, images=1, text_tokens=12))
+    assert all(tensor.device.type == "cpu" for tensor in runner.prompt.values())
+    assert "pixel_values" not in runner.prompt
+    from_device = model.model._make_plan({k: v for k, v in runner.inputs.items() if k != "pixel_values"})
+    for ours, theirs in zip(plan_tensors(runner.plan()), plan_tensors(from_device), strict=True):
+        assert ours.device == model.device and torch.equal(ours, theirs)

@@ -33,11 +33,19 @@ def test_gpu_prefill_script_runs_every_stage(tmp_path):
         assert report["mode"] == "eager" and len(report["cases"]) == cases
         for case in report["cases"]:
             assert 0 < case["flops_ratio"] < 1 and case["lm_prefill_ratio"] > 0 and case["plan_ms"] > 0
-    for stage in ("tests", "trace-llava", "trace-llava-next", "layers-llava", "layers-llava-next"):
+    for stage in ("tests", "trace-llava", "trace-llava-next", "layers-llava", "layers-llava-next", "variants-llava"):
         assert f"== {stage}: exit 0" in result.stdout
     trace_log = (tmp_path / "trace-llava.log").read_text()
     assert trace_log.count("  eager       ProxyV") == 2 and trace_log.count("  eager       off") == 2
     assert "whole language-model prefill" in (tmp_path / "layers-llava-next.log").read_text()
+    # Every variant of the ProxyV forward computes the prefill the current one computes (float32 here: to the bit).
+    variants = (tmp_path / "variants-llava.log").read_text().split("\n== batch ")[1:]
+    assert len(variants) == 2
+    for table in variants:
+        rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:] if line.strip()}
+        assert set(rows) == {"off", "current", "assemble", "flip-rope", "norm-apart", "previous", "no-replan"}
+        assert all(float(rows[name][-1]) == 0.0 for name in rows if name != "off"), table
+        assert all(float(values[0]) > 0 for values in rows.values()), table
     traces = sorted(p.name for p in (tmp_path / "traces").iterdir())
     assert traces == sorted(f"{case}-eager-{side}.json.gz" for case in ("1x1", "8x1") for side in ("off", "proxyv"))
     events = json.loads(gzip.decompress((tmp_path / "traces" / "1x1-eager-proxyv.json.gz").read_bytes()))

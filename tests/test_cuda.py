@@ -128,17 +128,21 @@ def test_compiled_language_model_matches_eager_on_cuda(cuda_pair):
         torch.testing.assert_close(outs[on], expected[on], atol=1e-4, rtol=1e-3)
 
 
-def test_cuda_graph_replays_a_new_prompt(cuda_pair):
-    """`bench --cuda-graph` captures one prompt and replays after copying a new prompt's plan: a prompt with its
-    image elsewhere must give what eager gives for it."""
+@pytest.mark.parametrize("split", [True, False], ids=["two graphs", "one graph"])
+def test_cuda_graph_replays_a_new_prompt(cuda_pair, split):
+    """`bench --cuda-graph` captures one prompt and replays after copying a new prompt's plan (by default between
+    two graphs cut before the start layer, built while the first runs): a prompt with its image elsewhere must give
+    what eager gives for it."""
     proxyv = cuda_pair[1]
     runner = Runner(proxyv, synthetic_inputs(proxyv, batch=2, images=1, text_tokens=16))
-    replay = runner.cuda_graph_prefill(True)
+    replay = runner.cuda_graph_prefill(True, split=split)
+    assert len(replay.graphs) == (2 if split else 1)
     torch.testing.assert_close(replay().clone(), runner.lm_prefill(True), atol=1e-5, rtol=1e-4)
-    ids = runner.inputs["input_ids"]
-    other = Runner(proxyv, dict(runner.inputs, input_ids=torch.cat([ids[:, -6:], ids[:, :-6]], dim=1)))
+    ids = runner.prompt["input_ids"]
+    other = Runner(proxyv, dict(runner.prompt, input_ids=torch.cat([ids[:, -6:], ids[:, :-6]], dim=1),
+                                pixel_values=runner.inputs["pixel_values"].cpu()))
     expected = other.lm_prefill(True)
-    runner.inputs = other.inputs
+    runner.inputs, runner.prompt = other.inputs, other.prompt
     runner.embeds.copy_(other.embeds)
     got = replay()
     assert (got - runner.cuda_graph_prefill(False)()).abs().max() > 1e-3

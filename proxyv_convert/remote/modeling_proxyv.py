@@ -489,13 +489,17 @@ class ProxyVPlan:
             proxies = proxies.index_copy(0, slots, small.permute(0, 2, 3, 1).reshape(-1, width))
         return proxies.view(batch, self.num_proxies, width)
 
-    def layer_tables(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """What every ProxyV layer of a forward shares, made once per forward (a forward's position embeddings are new
-        tensors): (cos, signed sin) of the T + P key rows and of the query rows, each (B, 1, L, d), for `apply_rope`,
-        and the attention mask as an additive bias in the states' dtype (0 where a query attends, MASKED_BIAS
-        elsewhere; SDPA would otherwise turn the boolean mask into one in every layer: two more kernels per layer)."""
+    def layer_tables(self, position_embeddings: tuple[torch.Tensor, torch.Tensor], fresh: bool = False
+                     ) -> tuple[torch.Tensor, ...]:
+        """What every ProxyV layer of a forward shares, made once per forward: by the start layer (`fresh`: the plan's
+        tensors may have been refilled since the last forward while the position embeddings are the same tensors, as
+        when a CUDA graph is replayed with a new prompt's plan copied in), or when the position embeddings are new
+        tensors. They are (cos, signed sin) of the T + P key rows and of the query rows, each (B, 1, L, d), for
+        `apply_rope`, and the attention mask as an additive bias in the states' dtype (0 where a query attends,
+        MASKED_BIAS elsewhere; SDPA would otherwise turn the boolean mask into one in every layer: two more kernels
+        per layer)."""
         cos, sin = position_embeddings
-        if self._tables_source is not cos:
+        if fresh or self._tables_source is not cos:
             batch = self.query_index.shape[0]
             half = sin.shape[-1] // 2
             signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # see apply_rope
@@ -636,7 +640,7 @@ class ProxyVDecoderLayerMixin:
             hidden_states = torch.cat([hidden_states, plan.make_proxies(hidden_states)], dim=1)
         batch, rows, _ = hidden_states.shape  # rows = T + P
         queries = plan.query_index.shape[1]
-        cos_k, sin_k, cos_q, sin_q, bias = plan.layer_tables(position_embeddings)
+        cos_k, sin_k, cos_q, sin_q, bias = plan.layer_tables(position_embeddings, fresh=layer_idx == plan.start_layer)
 
         normed = backbone_norm(self.input_layernorm, hidden_states)  # (B, T+P, H)
         key, value = self._proxyv_kv(normed)
@@ -749,12 +753,18 @@ class ProxyVModelMixin:
     def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
         raise NotImplementedError
 
-    def _make_plan(self, arguments: dict) -> ProxyVPlan | None:
+    def _make_plan(self, arguments: dict, device: torch.device | None = None) -> ProxyVPlan | None:
+        """The plan of a forward with these arguments, its tensors on `device` (default: where the inputs are). From
+        host-side inputs (token ids and attention mask on the CPU) with the model's device, it needs no copy from the
+        device, so nothing waits for work already queued there (a CUDA-graph prefill builds the plan this way while
+        the layers before the start layer run, see `proxyv_convert.bench.Runner.cuda_graph_prefill`)."""
         image_mask = self._image_token_mask(arguments.get("input_ids"), arguments.get("inputs_embeds"))
         attention_mask = arguments.get("attention_mask")
-        device, seq = image_mask.device, image_mask.shape[1]
+        seq = image_mask.shape[1]
+        device = image_mask.device if device is None else torch.device(device)
         two_d = attention_mask is not None and attention_mask.dim() == 2
-        # The one device-to-host copy of a forward: the image-token mask and the prompt's attention mask together.
+        # The one device-to-host copy of a forward (none for host-side inputs): the image-token mask and the prompt's
+        # attention mask together.
         masks = torch.cat([image_mask, attention_mask[:, -seq:].bool()]) if two_d else image_mask
         masks = masks.cpu()
         image_mask = masks[: len(image_mask)]
