@@ -105,7 +105,7 @@ def prefill_fn(runner: Runner, variant: str | None, cuda_graph: bool) -> Callabl
 
     def run_eager() -> torch.Tensor:
         with forms(model, variant):
-            return forward(fixed if fixed is not None else runner.plan())
+            return forward(fixed if fixed is not None else runner.pending_plan())
 
     return run_eager
 

@@ -17,6 +17,7 @@ import copy
 import inspect
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -306,11 +307,16 @@ class Runner:
         """The ProxyV plan of the prompt, built on the host from `prompt`, its tensors on the model's device."""
         return self.core._make_plan(dict(self.prompt), device=self.model.device)
 
+    def pending_plan(self):
+        """The prompt's plan, built when the start layer asks for it (as in the model's own forward: the host builds
+        it after queueing the layers before)."""
+        return sys.modules[type(self.core).__module__].ProxyVPendingPlan(self.plan)
+
     @torch.no_grad()
     def lm_prefill(self, proxyv: bool):
         kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False}
-        if proxyv:
-            kwargs["proxyv_plan"] = self.plan()
+        if proxyv:  # compiled, the plan is an input of the graph: built before it
+            kwargs["proxyv_plan"] = self.pending_plan() if self.lm is self.core.language_model else self.plan()
         return self.lm(**kwargs).last_hidden_state
 
     def cuda_graph_prefill(self, proxyv: bool, split: bool = True,
@@ -519,7 +525,6 @@ def run_bench(
 ) -> tuple[BenchReport, Path | None]:
     """Load a ProxyV folder, benchmark it (options as `bench`), and write bench_report.json into the folder."""
     import shlex
-    import sys
 
     from .modeling import is_proxyv_folder, load_model
 

@@ -87,6 +87,22 @@ def test_plan_on_cuda_equals_the_cpu_plan(cpu_pair, cuda_pair):
         assert torch.equal(got.cpu(), expected)
 
 
+def test_starting_a_plan_does_not_wait_for_the_device(cpu_pair, cuda_pair):
+    """A forward starts its plan (the masks' copy to the host) without a host-device synchronisation, so the host
+    goes on queueing work; the plan built later equals the one built from host-side inputs."""
+    ids, mask, _ = inputs_for(["one image", "two images", "no image"])
+    core = cuda_pair[1].model
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising CUDA call raises
+    try:
+        pending = core._pending_plan({"input_ids": ids, "attention_mask": mask})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    from_host = core._make_plan({"input_ids": ids.cpu(), "attention_mask": mask.cpu()}, device=CUDA)
+    for expected, got in zip(plan_tensors(from_host), plan_tensors(pending.get()), strict=True):
+        assert got.device.type == CUDA and torch.equal(got, expected)
+
+
 def test_padded_batch_and_generation_on_cuda(cpu_pair, cuda_pair):
     ids, mask, pixels = inputs_for(["one image", "two images", "no image"])
     with torch.no_grad():

@@ -351,13 +351,13 @@ def test_attention_mask_is_made_a_bias_once_per_forward(proxyv, monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     proxyv_layers = len(proxyv.model.language_model.layers) - proxyv.config.proxyv_start_layer
     plans, biases = [], []
-    original = type(proxyv.model)._make_plan
+    original = type(proxyv.model)._pending_plan
 
-    def keep_plan(self, arguments):
-        plans.append(original(self, arguments))
+    def keep_plan(self, arguments, device=None):
+        plans.append(original(self, arguments, device))
         return plans[-1]
 
-    monkeypatch.setattr(type(proxyv.model), "_make_plan", keep_plan)
+    monkeypatch.setattr(type(proxyv.model), "_pending_plan", keep_plan)
     for names in (["one image"], ["two images", "one image"]):
         prompts = [PROMPTS[n] for n in names]
         ids, mask = batch(prompts, "left")
@@ -367,7 +367,7 @@ def test_attention_mask_is_made_a_bias_once_per_forward(proxyv, monkeypatch):
             proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixel_values_for(prompts))
         assert len(calls) == proxyv_layers
         assert all(bias is calls[0] for bias in calls), "one bias per forward, shared by the layers"
-        bias, allowed = calls[0], plans[0].mask
+        bias, allowed = calls[0], plans[0].get().mask
         assert bias.dtype == proxyv.dtype and bias.shape == allowed.shape
         assert torch.equal(bias, torch.where(allowed, 0.0, -65504.0).to(bias.dtype))
         biases.append(bias)
@@ -426,13 +426,46 @@ def test_decoding_steps_make_no_plan(proxyv, monkeypatch):
     pixels = pixel_values_for(prompts)
     core = proxyv.model
     made = []
-    monkeypatch.setattr(core, "_make_plan",
-                        lambda arguments: made.append(type(core)._make_plan(core, arguments)) or made[-1])
+    monkeypatch.setattr(core, "_pending_plan",
+                        lambda arguments: made.append(type(core)._pending_plan(core, arguments)) or made[-1])
     cached = proxyv.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6,
                              do_sample=False, min_new_tokens=6)
-    assert len(made) == 1 and made[0] is not None
+    assert len(made) == 1 and made[0].get() is not None
     monkeypatch.undo()
     assert torch.equal(cached, greedy_without_cache(proxyv, ids, mask, pixels, 6))
+
+
+def test_the_plan_is_built_when_the_start_layer_needs_it(proxyv, monkeypatch):
+    """A forward starts copying the masks to the host and goes on with the vision tower and the layers before the
+    start layer; the start layer builds the plan (on a GPU the host builds it while the device runs what was queued
+    before). A prompt without images builds none."""
+    from proxyv_convert.remote import modeling_proxyv
+
+    events = []
+
+    class Recorded(modeling_proxyv.ProxyVPlan):
+        def __init__(self, *args, **kwargs):
+            events.append("plan")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_proxyv, "ProxyVPlan", Recorded)
+    layers = proxyv.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(lambda module, args, i=i: events.append(f"layer {i}"))
+               for i, layer in enumerate(layers)]
+    handles.append(proxyv.model.vision_tower.register_forward_pre_hook(lambda module, args: events.append("vision")))
+    start = proxyv.config.proxyv_start_layer
+    try:
+        for name, expected in (("one image", ["vision", *(f"layer {i}" for i in range(start + 1)), "plan"]),
+                               ("no image", [f"layer {i}" for i in range(start + 1)])):
+            events.clear()
+            with torch.no_grad():
+                proxyv(input_ids=torch.tensor([PROMPTS[name]]), pixel_values=pixel_values_for([PROMPTS[name]]))
+            assert events[: len(expected)] == expected, events
+            assert events.count("plan") == (name == "one image")
+            assert len(events) == len(expected) + len(layers) - start - 1, events
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_cache_holds_sequence_not_proxies(proxyv):

@@ -21,7 +21,7 @@ and loaded with `trust_remote_code=True`.
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -515,6 +515,21 @@ class ProxyVPlan:
         return self._tables
 
 
+class ProxyVPendingPlan:
+    """A forward's plan, built the first time it is asked for: by the first ProxyV layer, after the host has queued
+    the device's work before it. `get()` gives the plan (None for prompts without images) and raises what building
+    raises."""
+
+    def __init__(self, build: Callable[[], ProxyVPlan | None]):
+        self._build, self._plan = build, None
+
+    def get(self) -> ProxyVPlan | None:
+        if self._build is not None:
+            self._plan = self._build()
+            self._build = None
+        return self._plan
+
+
 def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Masked attention of (B, h, Q, d) queries over (B, kv_h, K, d) keys/values -> (B, Q, h, d); `mask` (True =
     attend) and the same mask as an additive `bias` (for SDPA)."""
@@ -625,7 +640,10 @@ class ProxyVDecoderLayerMixin:
         gate, up = F.linear(x, *pair).chunk(2, dim=-1)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
-    def forward(self, hidden_states: torch.Tensor, *args, proxyv_plan: ProxyVPlan | None = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args,
+                proxyv_plan: ProxyVPlan | ProxyVPendingPlan | None = None, **kwargs):
+        if isinstance(proxyv_plan, ProxyVPendingPlan):
+            proxyv_plan = proxyv_plan.get()
         if proxyv_plan is None:
             return super().forward(hidden_states, *args, **kwargs)
         assert not args, "ProxyV layers take their arguments by keyword"
@@ -754,41 +772,59 @@ class ProxyVModelMixin:
         raise NotImplementedError
 
     def _make_plan(self, arguments: dict, device: torch.device | None = None) -> ProxyVPlan | None:
-        """The plan of a forward with these arguments, its tensors on `device` (default: where the inputs are). From
-        host-side inputs (token ids and attention mask on the CPU) with the model's device, it needs no copy from the
-        device, so nothing waits for work already queued there (a CUDA-graph prefill builds the plan this way while
-        the layers before the start layer run, see `proxyv_convert.bench.Runner.cuda_graph_prefill`)."""
+        """The plan of a forward with these arguments, built now, its tensors on `device` (default: where the inputs
+        are). From host-side inputs (token ids and attention mask on the CPU) with the model's device, it needs no copy
+        from the device, so nothing waits for work already queued there (a CUDA-graph prefill builds the plan this
+        way while the layers before the start layer run, see `proxyv_convert.bench.Runner.cuda_graph_prefill`)."""
+        return self._pending_plan(arguments, device).get()
+
+    def _pending_plan(self, arguments: dict, device: torch.device | None = None) -> ProxyVPendingPlan:
+        """The plan of a forward with these arguments, to be built when the first ProxyV layer asks for it. The one
+        device-to-host copy it needs (the image-token mask and the prompt's attention mask together; none for
+        host-side inputs) starts now without waiting, so the host goes on queueing the vision tower and the layers
+        before the start layer, and builds the plan while the device runs them."""
         image_mask = self._image_token_mask(arguments.get("input_ids"), arguments.get("inputs_embeds"))
         attention_mask = arguments.get("attention_mask")
         seq = image_mask.shape[1]
         device = image_mask.device if device is None else torch.device(device)
         two_d = attention_mask is not None and attention_mask.dim() == 2
-        # The one device-to-host copy of a forward (none for host-side inputs): the image-token mask and the prompt's
-        # attention mask together.
         masks = torch.cat([image_mask, attention_mask[:, -seq:].bool()]) if two_d else image_mask
-        masks = masks.cpu()
-        image_mask = masks[: len(image_mask)]
-        if not bool(image_mask.any()):
-            return None
-        if attention_mask is not None and not two_d:
-            raise ValueError("ProxyV takes a 2-D attention mask (batch, sequence) of ones and zeros")
-        if arguments.get("output_attentions") or self.config.output_attentions:
-            raise ValueError("output_attentions is not available with ProxyV on; use `with model.proxyv_disabled():`")
+        copied = None
+        if masks.device.type == "cuda":  # into pinned memory: a copy into pageable memory would wait for the device
+            masks = torch.empty(masks.shape, dtype=masks.dtype, pin_memory=True).copy_(masks, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(image_mask.device))
+        else:
+            masks = masks.cpu()
         cache = arguments.get("cache", arguments.get("past_key_values"))
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError(
-                "ProxyV prefills images only at the start of a sequence (the cache already holds "
-                f"{cache.get_seq_length()} tokens); pass the whole prompt in one call"
+        cached = 0 if cache is None else cache.get_seq_length()  # before this forward's layers add to it
+
+        def build() -> ProxyVPlan | None:
+            if copied is not None:
+                copied.synchronize()
+            image_mask = masks[: len(masks) // 2] if two_d else masks
+            if not bool(image_mask.any()):
+                return None
+            if attention_mask is not None and not two_d:
+                raise ValueError("ProxyV takes a 2-D attention mask (batch, sequence) of ones and zeros")
+            if arguments.get("output_attentions") or self.config.output_attentions:
+                raise ValueError(
+                    "output_attentions is not available with ProxyV on; use `with model.proxyv_disabled():`")
+            if cached > 0:
+                raise ValueError(
+                    f"ProxyV prefills images only at the start of a sequence (the cache already holds {cached} "
+                    "tokens); pass the whole prompt in one call"
+                )
+            fusion = self.__dict__.get("_proxyv_fusion")
+            if fusion != "chosen" and fusion != device.type:  # the first ProxyV forward on this kind of device
+                self._set_fusion(device.type == "cuda")
+                self._proxyv_fusion = device.type
+            return ProxyVPlan(
+                image_mask, masks[len(masks) // 2 :] if two_d else None, self._image_grids(image_mask, arguments),
+                device=device, modules=self.proxyv, **self._plan_settings,
             )
-        attention_mask = masks[len(image_mask) :] if two_d else None
-        fusion = self.__dict__.get("_proxyv_fusion")
-        if fusion != "chosen" and fusion != device.type:  # the first ProxyV forward on this kind of device
-            self._set_fusion(device.type == "cuda")
-            self._proxyv_fusion = device.type
-        return ProxyVPlan(
-            image_mask, attention_mask, self._image_grids(image_mask, arguments), device=device, modules=self.proxyv,
-            **self._plan_settings,
-        )
+
+        return ProxyVPendingPlan(build)
 
     @functools.cached_property
     def _plan_settings(self) -> dict:
@@ -822,15 +858,14 @@ class ProxyVModelMixin:
             signature = _FORWARD_SIGNATURES[type(self)] = inspect.signature(super().forward)
         arguments = signature.bind(*args, **kwargs).arguments
         arguments.update(arguments.pop("kwargs", {}))
-        plan = self._make_plan(arguments)
-        if plan is None:
-            return super().forward(**arguments)
+        plan = self._pending_plan(arguments)
         return_dict = arguments.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         outputs = super().forward(**arguments, proxyv_plan=plan, return_dict=True)
-        if outputs.hidden_states is not None:  # drop the proxies carried between layers
-            outputs.hidden_states = tuple(h[:, : plan.seq_len] for h in outputs.hidden_states)
+        built = plan.get()  # None: no image in the prompts, the forward was the original one
+        if built is not None and outputs.hidden_states is not None:  # drop the proxies carried between layers
+            outputs.hidden_states = tuple(h[:, : built.seq_len] for h in outputs.hidden_states)
         return outputs if return_dict else outputs.to_tuple()
 
 
