@@ -468,6 +468,24 @@ def test_the_plan_is_built_when_the_start_layer_needs_it(proxyv, monkeypatch):
             handle.remove()
 
 
+def test_a_compiled_language_model_gets_its_plan_built(proxyv):
+    """With the language model compiled, the forward builds the plan before calling it: the compiled graph takes
+    the plan as an input and has no host code in it (fullgraph=True fails on any graph break)."""
+    prompt = PROMPTS["one image"]
+    kwargs = {"input_ids": torch.tensor([prompt]), "pixel_values": pixel_values_for([prompt]), "use_cache": False}
+    core = proxyv.model
+    original = core.language_model
+    with torch.no_grad():
+        expected = proxyv(**kwargs).logits
+        torch._dynamo.reset()
+        core.language_model = torch.compile(original, backend="eager", fullgraph=True)
+        try:
+            got = proxyv(**kwargs).logits
+        finally:
+            core.language_model = original
+    torch.testing.assert_close(got, expected)
+
+
 def test_cache_holds_sequence_not_proxies(proxyv):
     prompt = PROMPTS["two images"]
     with torch.no_grad():

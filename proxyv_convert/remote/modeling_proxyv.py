@@ -862,7 +862,9 @@ class ProxyVModelMixin:
         return_dict = arguments.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        outputs = super().forward(**arguments, proxyv_plan=plan, return_dict=True)
+        # A compiled language model gets the plan built: building it inside would be host code in its graph.
+        compiled = hasattr(self.language_model, "_orig_mod")
+        outputs = super().forward(**arguments, proxyv_plan=plan.get() if compiled else plan, return_dict=True)
         built = plan.get()  # None: no image in the prompts, the forward was the original one
         if built is not None and outputs.hidden_states is not None:  # drop the proxies carried between layers
             outputs.hidden_states = tuple(h[:, : built.seq_len] for h in outputs.hidden_states)
