@@ -410,7 +410,6 @@ class ProxyVPlan:
         self.mask = on_device["mask"]
         # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
         self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
-        self._tables_source: torch.Tensor | None = None
         self._tables: tuple[torch.Tensor, ...] = ()
 
     def _attention_mask(self, host: dict[str, np.ndarray], attention_mask, sliding_window) -> np.ndarray:
@@ -491,15 +490,14 @@ class ProxyVPlan:
 
     def layer_tables(self, position_embeddings: tuple[torch.Tensor, torch.Tensor], fresh: bool = False
                      ) -> tuple[torch.Tensor, ...]:
-        """What every ProxyV layer of a forward shares, made once per forward: by the start layer (`fresh`: the plan's
-        tensors may have been refilled since the last forward while the position embeddings are the same tensors, as
-        when a CUDA graph is replayed with a new prompt's plan copied in), or when the position embeddings are new
-        tensors. They are (cos, signed sin) of the T + P key rows and of the query rows, each (B, 1, L, d), for
-        `apply_rope`, and the attention mask as an additive bias in the states' dtype (0 where a query attends,
-        MASKED_BIAS elsewhere; SDPA would otherwise turn the boolean mask into one in every layer: two more kernels
-        per layer)."""
-        cos, sin = position_embeddings
-        if fresh or self._tables_source is not cos:
+        """What every ProxyV layer of a forward shares, made by its start layer (`fresh`; the plan's tensors may have
+        been refilled since the last forward, as when a CUDA graph is replayed with a new prompt's plan copied in) and
+        read by the layers after it. They are (cos, signed sin) of the T + P key rows and of the query rows, each
+        (B, 1, L, d), for `apply_rope`, and the attention mask as an additive bias in the states' dtype (0 where a
+        query attends, MASKED_BIAS elsewhere; SDPA would otherwise turn the boolean mask into one in every layer: two
+        more kernels per layer)."""
+        if fresh or not self._tables:
+            cos, sin = position_embeddings
             batch = self.query_index.shape[0]
             half = sin.shape[-1] // 2
             signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # see apply_rope
@@ -511,7 +509,6 @@ class ProxyVPlan:
             (cos_k, cos_q), (sin_k, sin_q) = tables
             bias = torch.full_like(self.mask, MASKED_BIAS, dtype=cos.dtype).masked_fill_(self.mask, 0.0)
             self._tables = (cos_k[:, None], sin_k[:, None], cos_q[:, None], sin_q[:, None], bias)
-            self._tables_source = cos
         return self._tables
 
 
