@@ -91,9 +91,7 @@ def prefill_fn(runner: Runner, variant: str | None, cuda_graph: bool) -> Callabl
         return replay
 
     def forward(plan) -> torch.Tensor:
-        kwargs = {"inputs_embeds": runner.embeds, "attention_mask": runner.inputs["attention_mask"],
-                  "use_cache": False, **({"proxyv_plan": plan} if plan is not None else {})}
-        return runner.lm(**kwargs).last_hidden_state
+        return runner.lm(**runner.lm_kwargs(plan)).last_hidden_state
 
     if variant is None:
         def off() -> torch.Tensor:

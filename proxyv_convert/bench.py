@@ -312,12 +312,17 @@ class Runner:
         it after queueing the layers before)."""
         return sys.modules[type(self.core).__module__].ProxyVPendingPlan(self.plan)
 
+    def lm_kwargs(self, plan=None) -> dict:
+        """The language model's arguments for the prompt's prefill, with `plan` (built or pending) if one is given."""
+        kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False}
+        return kwargs if plan is None else {**kwargs, "proxyv_plan": plan}
+
     @torch.no_grad()
     def lm_prefill(self, proxyv: bool):
-        kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False}
+        plan = None
         if proxyv:  # compiled, the plan is an input of the graph: built before it
-            kwargs["proxyv_plan"] = self.pending_plan() if self.lm is self.core.language_model else self.plan()
-        return self.lm(**kwargs).last_hidden_state
+            plan = self.pending_plan() if self.lm is self.core.language_model else self.plan()
+        return self.lm(**self.lm_kwargs(plan)).last_hidden_state
 
     def cuda_graph_prefill(self, proxyv: bool, split: bool = True,
                            forms: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
@@ -333,8 +338,7 @@ class Runner:
         # Made on both sides: the first ProxyV plan on a device settles the layout of the weights (it may fuse them),
         # which must not change under a captured graph.
         static_plan = self.plan()
-        kwargs = {"inputs_embeds": self.embeds, "attention_mask": self.inputs["attention_mask"], "use_cache": False,
-                  **({"proxyv_plan": static_plan} if proxyv else {})}
+        kwargs = self.lm_kwargs(static_plan if proxyv else None)
         with torch.no_grad(), forms():
             if proxyv and split:
                 head, tail = split_prefill(self.lm, kwargs, self.model.config.proxyv_start_layer)

@@ -230,8 +230,7 @@ def test_a_prefill_cut_before_the_start_layer_computes_the_whole_prefill(arch):
     runner = Runner(model, inputs)
     lm, start = model.model.language_model, model.config.proxyv_start_layer
     for proxyv in (False, True):
-        kwargs = {"inputs_embeds": runner.embeds, "attention_mask": runner.inputs["attention_mask"],
-                  "use_cache": False, **({"proxyv_plan": runner.plan()} if proxyv else {})}
+        kwargs = runner.lm_kwargs(runner.plan() if proxyv else None)
         with torch.no_grad():
             whole = lm(**kwargs).last_hidden_state
             head, tail = split_prefill(lm, kwargs, start)
