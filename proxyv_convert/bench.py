@@ -297,10 +297,11 @@ class Runner:
 
     def eager(self) -> Runner:
         """The same inputs and embeddings, run through the uncompiled language model."""
-        if self.lm is self.core.language_model:
+        lm = getattr(self.lm, "_orig_mod", self.lm)  # the model's own language model may be the compiled one
+        if lm is self.lm:
             return self
         runner = copy.copy(self)
-        runner.lm = self.core.language_model
+        runner.lm = lm
         return runner
 
     def plan(self):
@@ -320,8 +321,8 @@ class Runner:
     @torch.no_grad()
     def lm_prefill(self, proxyv: bool):
         plan = None
-        if proxyv:  # compiled, the plan is an input of the graph: built before it
-            plan = self.pending_plan() if self.lm is self.core.language_model else self.plan()
+        if proxyv:  # compiled, the plan is an input of the graph: built before it (as the model's forward does)
+            plan = self.plan() if hasattr(self.lm, "_orig_mod") else self.pending_plan()
         return self.lm(**self.lm_kwargs(plan)).last_hidden_state
 
     def cuda_graph_prefill(self, proxyv: bool, split: bool = True,

@@ -175,6 +175,31 @@ def test_the_proxyv_language_model_traces_as_one_graph(fused):
     assert any(f"layers_modules_{start}_" in name and "k_proj" in name for name in inputs)
 
 
+def test_the_runner_builds_the_plan_before_a_compiled_language_model():
+    """A model whose own language model was replaced by its compiled version (the documented way to use CUDA graphs):
+    the benchmark's prefill builds the plan before calling it, as the model's forward does, so the compiled graph has
+    no host code in it (fullgraph=True fails on any graph break); eager() gives the uncompiled language model."""
+    import torch._dynamo
+
+    from proxyv_convert.bench import Runner
+
+    model = convert_in_memory(tiny_llava(), randomize=True)
+    inputs = synthetic_inputs(model, batch=2, images=1, text_tokens=12)
+    with torch.no_grad():
+        expected = {on: Runner(model, inputs).lm_prefill(on) for on in (False, True)}
+    core = model.model
+    original = core.language_model
+    torch._dynamo.reset()
+    core.language_model = torch.compile(original, backend="eager", fullgraph=True)
+    try:
+        runner = Runner(model, inputs)
+        for on in (False, True):
+            torch.testing.assert_close(runner.lm_prefill(on), expected[on])
+        assert runner.eager().lm is original
+    finally:
+        core.language_model = original
+
+
 @pytest.mark.parametrize("proxy", ["spatial", "learned"])
 def test_a_plan_copied_into_another_computes_the_new_prompt(proxy):
     """CUDA-graph timing replays one captured plan after copying a new prompt's plan tensors into it: the copy must
