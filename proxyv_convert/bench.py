@@ -320,9 +320,7 @@ class Runner:
 
     @torch.no_grad()
     def lm_prefill(self, proxyv: bool):
-        plan = None
-        if proxyv:  # compiled, the plan is an input of the graph: built before it (as the model's forward does)
-            plan = self.plan() if hasattr(self.lm, "_orig_mod") else self.pending_plan()
+        plan = self.pending_plan().argument_for(self.lm) if proxyv else None  # as the model's forward passes it
         return self.lm(**self.lm_kwargs(plan)).last_hidden_state
 
     def cuda_graph_prefill(self, proxyv: bool, split: bool = True,

@@ -526,6 +526,11 @@ class ProxyVPendingPlan:
             self._build = None
         return self._plan
 
+    def argument_for(self, language_model: nn.Module) -> "ProxyVPlan | ProxyVPendingPlan | None":
+        """The `proxyv_plan` to call `language_model` with: the plan built now if it is compiled (building it inside
+        would be host code in its graph), else this pending plan, for its start layer to build."""
+        return self.get() if hasattr(language_model, "_orig_mod") else self
+
 
 def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Masked attention of (B, h, Q, d) queries over (B, kv_h, K, d) keys/values -> (B, Q, h, d); `mask` (True =
@@ -859,9 +864,7 @@ class ProxyVModelMixin:
         return_dict = arguments.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        # A compiled language model gets the plan built: building it inside would be host code in its graph.
-        compiled = hasattr(self.language_model, "_orig_mod")
-        outputs = super().forward(**arguments, proxyv_plan=plan.get() if compiled else plan, return_dict=True)
+        outputs = super().forward(**arguments, proxyv_plan=plan.argument_for(self.language_model), return_dict=True)
         built = plan.get()  # None: no image in the prompts, the forward was the original one
         if built is not None and outputs.hidden_states is not None:  # drop the proxies carried between layers
             outputs.hidden_states = tuple(h[:, : built.seq_len] for h in outputs.hidden_states)
