@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from proxyv_convert.config import DistillSettings
 from proxyv_convert.convert import convert
-from proxyv_convert.distill import DistillSettings, distill
+from proxyv_convert.distill import distill
 from proxyv_convert.evaluate import evaluate
 
 

@@ -24,10 +24,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from proxyv_convert.batching import Batcher
 from proxyv_convert.bench import peak_memory_mb
+from proxyv_convert.config import DistillSettings
 from proxyv_convert.convert import convert
 from proxyv_convert.data import load_data
-from proxyv_convert.distill import DistillSettings, distill, distill_losses, teacher_and_student
-from proxyv_convert.modeling import load_model
+from proxyv_convert.distill import distill, distill_losses, teacher_and_student
+from proxyv_convert.model_folder import load_model
 
 
 def weight_mb(model: torch.nn.Module) -> float:

@@ -25,7 +25,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
 from proxyv_convert.bench import bench, format_report
-from proxyv_convert.modeling import FAMILIES
+from proxyv_convert.families import FAMILIES
 
 # LLaVA-NeXT's AnyRes resolutions for 336-pixel crops: 672x672 gives 2x2 crops + the base image = 5 crops.
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -46,7 +46,8 @@ def random_model(args: argparse.Namespace, start_layer: int):
     else:
         llava = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                             image_token_index=args.vocab - 1)
-    config_class, _, head = FAMILIES[args.arch]
+    family = FAMILIES[args.arch]
+    config_class, head = family.config, family.head
     config = config_class.from_llava_config(llava, proxyv_start_layer=start_layer, proxyv_reduce_factor=4,
                                             proxyv_proxy=args.proxy)
     config._attn_implementation = args.attn

@@ -67,6 +67,15 @@ def atomic_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Replace the file at `path` with `text` atomically (written beside it, then renamed over it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def _make_parents(folder: Path) -> list[Path]:
     """`mkdir -p folder`; returns the folders it created, outermost first."""
     missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]

@@ -11,7 +11,7 @@ from transformers import ProcessorMixin
 from .data import ImageTextData
 
 
-def chat_text(processor: ProcessorMixin, prompt: str, answer: str | None) -> str:
+def chat_text(processor: ProcessorMixin, prompt: str, answer: str | None = None) -> str:
     """The prompt (one image, then the question) and, when known, the answer, in the processor's chat template."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     if answer is None:
@@ -22,7 +22,7 @@ def chat_text(processor: ProcessorMixin, prompt: str, answer: str | None) -> str
 
 @dataclass
 class Batch:
-    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, pixel_values
+    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask and the family's image inputs (pixel_values, ...)
     image_mask: torch.Tensor  # (B, T) bool: image tokens
     used: int  # examples in the batch
     skipped_images: int  # examples dropped because their image did not decode
@@ -32,8 +32,10 @@ class Batch:
 class Batcher:
     """Builds right-padded batches (teacher-forced sequences) from example indices of one split."""
 
-    def __init__(self, data: ImageTextData, processor: ProcessorMixin, image_token_id: int, max_length: int):
+    def __init__(self, data: ImageTextData, processor: ProcessorMixin, image_token_id: int, max_length: int,
+                 image_inputs: tuple[str, ...]):
         self.data = data
+        self.image_inputs = image_inputs  # the processor outputs the model's forward needs with the images
         self.processor = processor
         self.image_token_id = image_token_id
         self.max_length = max_length
@@ -53,13 +55,9 @@ class Batcher:
             return Batch({}, torch.zeros(0, 0, dtype=torch.bool), 0, skipped_images, 0)
         inputs = self.processor(images=images, text=texts, padding=True, padding_side="right", return_tensors="pt")
         keep, skipped_long = self._fit(inputs["input_ids"])
-        inputs = {
-            "input_ids": inputs["input_ids"][keep, : self.max_length],
-            "attention_mask": inputs["attention_mask"][keep, : self.max_length],
-            "pixel_values": inputs["pixel_values"][keep],
-        }
-        width = int(inputs["attention_mask"].sum(1).max()) if keep.any() else 0
-        inputs = {k: (v[:, :width] if k != "pixel_values" else v) for k, v in inputs.items()}
+        width = min(int(inputs["attention_mask"][keep].sum(1).max()) if keep.any() else 0, self.max_length)
+        tokens = {k: inputs[k][keep, :width] for k in ("input_ids", "attention_mask")}
+        inputs = {**tokens, **{k: inputs[k][keep] for k in self.image_inputs}}  # one image per example
         image_mask = inputs["input_ids"] == self.image_token_id
         return Batch(inputs, image_mask, int(keep.sum()), skipped_images, skipped_long)
 

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
+from .atomic import write_text
 from .errors import ProxyVError
-
-REPORT = "bench_report.json"
+from .families import family_of
+from .model_folder import BENCH_REPORT
+from .threads import warn_if_busy
 
 
 def _cache_keyword() -> str:
@@ -179,23 +181,11 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def synthetic_inputs(model, batch: int, images: int, text_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Prompts of `text_tokens` random text tokens around `images` images each (no padding). LLaVA-NeXT images take
-    the largest AnyRes resolution (the most crops: 4 + the base crop for the usual pinpoints)."""
+    """Prompts of `text_tokens` random text tokens around `images` images each (no padding); the images are the
+    family's largest (see `Family.synthetic_images`)."""
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    size = config.vision_config.image_size
-    extra: dict[str, torch.Tensor] = {}
-    if hasattr(model.model, "image_layout"):  # LLaVA-NeXT
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        height, width = max(config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
-        per_image = model.model.image_layout([height, width])[0]
-        crops = image_size_to_num_patches([height, width], config.image_grid_pinpoints, size)
-        pixel_values = torch.randn(batch * images, crops, 3, size, size, generator=generator)
-        extra["image_sizes"] = torch.tensor([[height, width]] * (batch * images))
-    else:
-        per_image = config.proxyv_grid**2 if config.proxyv_proxy == "spatial" else image_tokens_per_image(config)
-        pixel_values = torch.randn(batch * images, 3, size, size, generator=generator)
+    pixel_values, extra, per_image = family_of(config).synthetic_images(model, batch * images, generator)
     vocab = config.text_config.vocab_size
     low = 3  # keep clear of the usual special tokens
     text = torch.randint(low, vocab, (batch, text_tokens), generator=generator)
@@ -208,12 +198,6 @@ def synthetic_inputs(model, batch: int, images: int, text_tokens: int, seed: int
     input_ids = torch.cat(parts, dim=1)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
             **extra}
-
-
-def image_tokens_per_image(config) -> int:
-    from .remote.configuration_proxyv import vision_grid
-
-    return vision_grid(config)[1]
 
 
 def plan_tensors(plan) -> list[torch.Tensor]:
@@ -288,8 +272,8 @@ class Runner:
         # ProxyV plan is built from these, so building it waits for nothing the device is doing.
         self.prompt = {k: v.cpu() for k, v in inputs.items() if k != "pixel_values"}
         with torch.no_grad():
-            sizes = {"image_sizes": self.inputs["image_sizes"]} if "image_sizes" in self.inputs else {}
-            features = self.core.get_image_features(pixel_values=self.inputs["pixel_values"], **sizes).pooler_output
+            extra = {k: self.inputs[k] for k in family_of(model.config).image_inputs if k != "pixel_values"}
+            features = self.core.get_image_features(pixel_values=self.inputs["pixel_values"], **extra).pooler_output
             features = torch.cat(list(features), dim=0)
             embeds = self.core.get_input_embeddings()(self.inputs["input_ids"])
             mask = (self.inputs["input_ids"] == model.config.image_token_id)[..., None].expand_as(embeds)
@@ -510,11 +494,7 @@ def format_report(report: BenchReport) -> str:
 
 
 def write_report(folder: Path, report: BenchReport) -> Path:
-    path = Path(folder) / REPORT
-    tmp = path.with_name(f".{REPORT}.tmp")
-    tmp.write_text(report.to_json())
-    tmp.replace(path)
-    return path
+    return write_text(Path(folder) / BENCH_REPORT, report.to_json())
 
 
 def run_bench(
@@ -529,7 +509,7 @@ def run_bench(
     """Load a ProxyV folder, benchmark it (options as `bench`), and write bench_report.json into the folder."""
     import shlex
 
-    from .modeling import is_proxyv_folder, load_model
+    from .model_folder import is_proxyv_folder, load_model
 
     folder = Path(folder)
     if not is_proxyv_folder(folder):
@@ -549,6 +529,8 @@ def run_bench(
                cuda_graph=options.get("cuda_graph", False))  # before loading the model
     model = load_model(folder, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device,
                        attn_implementation=attn)
+    if model.device.type == "cpu":
+        warn_if_busy()  # timings on a busy CPU: say so before they are taken
     report = bench(model, **options)
     report.command = shlex.join(["proxyv", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("proxyv", "cli.py") else (
         f"proxyv bench {folder}")

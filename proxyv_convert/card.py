@@ -19,22 +19,20 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .atomic import write_text
+from .config import RECIPE_FILE, dump_recipe, read_recipe
 from .errors import ProxyVError
-from .modeling import is_proxyv_folder
-from .recipe import RECIPE_FILE, dump_recipe, read_recipe
+from .families import family_of
+from .model_folder import BENCH_REPORT, CARD_FILE, DISTILL_REPORT, EVAL_REPORT, PROXYV_PREFIX, is_proxyv_folder
 from .safetensors_stream import read_checkpoint
 from .source import LICENSE_KEYS
 
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
                       "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2"}
 
-CARD_FILE = "README.md"
-DISTILL_REPORT = "distill_report.json"
-BENCH_REPORT = "bench_report.json"
 PAPER = "https://arxiv.org/abs/2505.15816"
 HUB = "https://huggingface.co"
 EXAMPLE_IMAGE = "http://images.cocodataset.org/val2017/000000039769.jpg"
-PROXYV_PREFIX = "model.proxyv."
 PINNED = re.compile(r'^model_id, revision = "[^"]+", "([0-9a-f]{40})"$', re.M)  # the snippet's pin, see _usage
 
 
@@ -51,6 +49,7 @@ def model_card(folder: str | Path, *, repo_id: str | None = None, revision: str 
     sections, commands = read_recipe(folder) if (folder / RECIPE_FILE).is_file() else ({}, [])
     distill = _read_json(folder / DISTILL_REPORT)
     bench = _read_json(folder / BENCH_REPORT)
+    evaluation = _read_json(folder / EVAL_REPORT)
     from_report = bool(distill) and "distill" not in sections
     if from_report:
         # `proxyv distill` records its settings in its report, not in the recipe: resolve the recipe from them.
@@ -66,6 +65,7 @@ def model_card(folder: str | Path, *, repo_id: str | None = None, revision: str 
         _model_table(folder, config, sections),
         _usage(repo_id, revision, folder),
         _report(folder / DISTILL_REPORT, _quality, distill, config) if distill else "",
+        _report(folder / EVAL_REPORT, _evaluation, evaluation) if evaluation else "",
         _report(folder / BENCH_REPORT, _speed, bench) if bench else "",
         _reproduce(commands, sections, from_report),
     ]
@@ -80,12 +80,7 @@ def pinned_revision(card: str) -> str | None:
 
 def write_card(folder: str | Path, *, repo_id: str | None = None, revision: str | None = None) -> Path:
     """Write the card to `folder/README.md` (replacing it atomically); returns its path."""
-    path = Path(folder) / CARD_FILE
-    text = model_card(folder, repo_id=repo_id, revision=revision)
-    tmp = path.with_name(f".{CARD_FILE}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text(Path(folder) / CARD_FILE, model_card(folder, repo_id=repo_id, revision=revision))
 
 
 # --- what the folder says --------------------------------------------------------------------------------------------
@@ -212,17 +207,16 @@ def _model_table(folder: Path, config: dict[str, Any], sections: dict[str, Any])
     for info in tensors.values():
         counts[info.dtype] += info.numel
     dtype = ", ".join(SAFETENSORS_DTYPES.get(name, name) for name, _ in counts.most_common())  # by share of weights
-    anyres = config.get("model_type") == "proxyv_llava_next"
+    family = family_of(config)
     if config.get("proxyv_proxy") == "learned":
         proxies = (f"{config['proxyv_learned_proxies']} per image grid, made by learned queries that attend over "
                    "the grid's vision tokens")
     else:
         small = side // factor
         proxies = f"{small**2} ({small}x{small}: the grid downsampled by {factor} per side)"
-        if anyres:
-            proxies += " per crop grid; the high-resolution grid is downsampled by the same factor"
+        proxies += family.proxies_note
     rows = [
-        ("Architecture", "LLaVA-NeXT (AnyRes crops, newline tokens computed like text)" if anyres else "LLaVA"),
+        ("Architecture", family.label),
         ("Language model", f"{text['model_type']}, {text['num_hidden_layers']} layers, hidden size "
                            f"{text['hidden_size']}"),
         ("Vision tower", f"{vision['model_type']}, {vision['image_size']} px, {side}x{side} patch grid"),
@@ -330,6 +324,25 @@ def _quality(report: dict[str, Any], config: dict[str, Any]) -> str:
         "| Metric | Before distillation | After distillation |",
         "|---|---|---|",
         *(f"| {label} | {b} | {a} |" for label, b, a in rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _evaluation(report: dict[str, Any]) -> str:
+    skipped = f"; {report['skipped_images']} example(s) whose image did not decode were skipped" if report.get(
+        "skipped_images") else ""
+    rows = [("Exact-match accuracy, ProxyV", _percent(report["accuracy"]))]
+    if report.get("agreement") is not None:
+        other = "original model (ProxyV off)" if report.get("other") == "original" else f"`{report.get('other')}`"
+        rows += [(f"Exact-match accuracy, {other}", _percent(report["other_accuracy"])),
+                 ("Answers identical to it", _percent(report["agreement"]))]
+    lines = [
+        "## Evaluation\n",
+        f"`proxyv eval` on {report['n']} examples of `{report['data']}` (split `{report['split']}`), greedy decoding, "
+        f"answers compared after lower-casing{skipped}.\n",
+        "| Metric | Value |",
+        "|---|---|",
+        *(f"| {label} | {value} |" for label, value in rows),
     ]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
+from .config import BenchSection, Columns, DistillSettings, EvalSection, ModelSection, ProxyVSection, default
 from .errors import ProxyVError
 
 app = typer.Typer(
@@ -72,7 +74,7 @@ def from_recipe(ctx: typer.Context, recipe: str | None, values: dict, mapping: d
         return values
     import json
 
-    from .recipes import load_recipe, resolve_model_source
+    from .config import load_recipe, resolve_model_source
 
     loaded, _ = load_recipe(recipe)
     data = json.loads(loaded.model_dump_json())
@@ -95,6 +97,19 @@ def require(values: dict, **names: str) -> None:
     for name, how in names.items():
         if values.get(name) is None:
             raise ProxyVError(f"{how} is required (give it, or a --recipe that sets it)")
+
+
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option("--threads", help="CPU threads torch computes with (default: one per core). On a CPU shared with "
+                 "other work, fewer threads can be much faster.", show_default=False),
+]
+
+
+def use_threads(threads: int | None) -> None:
+    from .threads import set_threads
+
+    set_threads(threads)
 
 
 def _version(value: bool) -> None:
@@ -127,12 +142,15 @@ def convert(
         Path | None,
         typer.Option("--out", "-o", help="Output folder (must not exist, unless --overwrite).", show_default=False),
     ] = None,
-    reduce_factor: Annotated[int, typer.Option(help="Downsample each image's token grid by this factor per side.")] = 4,
+    reduce_factor: Annotated[int, typer.Option(help="Downsample each image's token grid by this factor per side.")] = (
+        default(ProxyVSection, "reduce_factor")
+    ),
     proxy: Annotated[str, typer.Option(help="spatial (downsample the grid) or learned (learned queries per image).")]
-    = "spatial",
+    = default(ProxyVSection, "proxy"),
     learned_proxies: Annotated[int | None, typer.Option(help="Proxies per image grid with --proxy learned "
                                                              "(default: as many as spatial makes).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (keep), float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (keep), float32, bfloat16 or float16.")] = default(
+        ModelSection, "dtype"),
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace --out if it exists (once the new folder is complete).")
     ] = False,
@@ -178,75 +196,92 @@ def distill(
     ] = None,
     data: Annotated[str | None, typer.Option(help="'shapes', a save_to_disk folder, a parquet/jsonl file, an image "
                                                   "folder or a Hub dataset name.", show_default=False)] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
-    batch_size: Annotated[int, typer.Option(help="Examples per process and micro-batch.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine to 10%).")] = 3e-3,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = default(DistillSettings, "steps"),
+    batch_size: Annotated[int, typer.Option(help="Examples per process and micro-batch.")] = default(
+        DistillSettings, "batch_size"),
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine to 10%).")] = default(
+        DistillSettings, "lr"),
     max_length: Annotated[
         int, typer.Option(help="Longest sequence in tokens (the text after the image is cut).")
-    ] = 2048,
+    ] = default(DistillSettings, "max_length"),
     out: Annotated[Path | None, typer.Option(help="Write the distilled model here instead of in place.")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")
     ] = False,
-    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps.")] = default(
+        DistillSettings, "checkpoint_every"),
     hidden_loss: Annotated[
         str, typer.Option(help="Per-token hidden-state distance: relative, mse or cosine.")
-    ] = "relative",
-    vision_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term on vision tokens.")] = 1.0,
-    text_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term on text tokens.")] = 1.0,
-    kl_weight: Annotated[float, typer.Option(help="Weight of the KL term on the next-token distributions.")] = 1.0,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 10,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this value.")] = 1.0,
-    gradient_accumulation: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    ] = default(DistillSettings, "hidden_loss"),
+    vision_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term on vision tokens.")] = default(
+        DistillSettings, "vision_weight"),
+    text_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term on text tokens.")] = default(
+        DistillSettings, "text_weight"),
+    kl_weight: Annotated[float, typer.Option(help="Weight of the KL term on the next-token distributions.")] = default(
+        DistillSettings, "kl_weight"),
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = default(DistillSettings, "warmup_steps"),
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = default(DistillSettings, "weight_decay"),
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this value.")] = default(
+        DistillSettings, "max_grad_norm"),
+    gradient_accumulation: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = default(
+        DistillSettings, "gradient_accumulation"),
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
-                                                         help="Recompute activations to save memory.")] = False,
-    mixed_precision: Annotated[str, typer.Option(help="no, bf16 or fp16 (accelerate autocast).")] = "no",
-    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = 0,
-    train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
+                                                         help="Recompute activations to save memory.")] = default(
+        DistillSettings, "gradient_checkpointing"),
+    mixed_precision: Annotated[str, typer.Option(help="no, bf16 or fp16 (accelerate autocast).")] = default(
+        DistillSettings, "mixed_precision"),
+    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = default(DistillSettings, "seed"),
+    train_split: Annotated[str, typer.Option(help="Split to train on; NAME[a:b] takes rows a..b of it.")] = default(
+        DistillSettings, "train_split"),
     eval_split: Annotated[str, typer.Option(help="Held-out split for the before/after report (else the tail of "
-                                                  "the train split is held out).")] = "validation",
-    eval_examples: Annotated[int, typer.Option(help="Held-out examples in the report.")] = 200,
-    image_column: Annotated[str, typer.Option(help="Column with the images.")] = "image",
+                                                  "the train split is held out); NAME[a:b] takes rows a..b.")]
+    = default(DistillSettings, "eval_split"),
+    eval_examples: Annotated[int, typer.Option(help="Held-out examples in the report.")] = default(
+        DistillSettings, "eval_examples"),
+    image_column: Annotated[str, typer.Option(help="Column with the images.")] = default(Columns, "image"),
     prompt_column: Annotated[str | None, typer.Option(help="Column with the prompts (default: detected).")] = None,
     answer_column: Annotated[str | None, typer.Option(help="Column with the answers (default: detected).")] = None,
     data_revision: Annotated[str | None, typer.Option(help="Revision of a Hub dataset.")] = None,
+    threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     recipe: RecipeOption = None,
 ) -> None:
     """Train the ProxyV modules to match the same model with ProxyV off; only the ProxyV tensors change."""
     with user_errors(quiet):
-        import dataclasses
-
-        from .data import Columns
-        from .distill import DistillSettings
+        from .config import build
         from .distill import distill as run_distill
 
-        names = [f.name for f in dataclasses.fields(DistillSettings)]
+        names = list(DistillSettings.model_fields)
         mapping = {name: f"distill.{name}" for name in names}
         mapping.update(model="output", data="distill.data", data_revision="distill.data_revision",
                        image_column="distill.columns.image", prompt_column="distill.columns.prompt",
                        answer_column="distill.columns.answer")
         v = from_recipe(ctx, recipe, locals(), mapping)
         require(v, model="MODEL", data="--data")
-        settings = DistillSettings(**{name: v[name] for name in names})
+        settings = build(DistillSettings, {name: v[name] for name in names})
+        use_threads(threads)
         data = v["data"]
         result = run_distill(
             Path(v["model"]), data, settings=settings, out=out, resume=resume, revision=v["data_revision"],
             progress=not quiet,
             columns=Columns(image=v["image_column"], prompt=v["prompt_column"], answer=v["answer_column"]),
         )
-    if result.report:
-        before, after = result.report["before"], result.report["after"]
-        typer.echo(f"Distilled {result.out}: {result.steps} steps in {result.seconds:.0f} s.")
+    before, after = result.report.get("before", {}), result.report.get("after", {})
+    typer.echo(f"Distilled {result.out}: {result.steps} steps in {result.seconds:.0f} s.")
+    if "cosine_vision" in before and "cosine_vision" in after:
         typer.echo(f"  hidden-state cosine (vision) {before['cosine_vision']:.4f} -> {after['cosine_vision']:.4f}; "
                    f"next-token agreement {before['top1']:.1%} -> {after['top1']:.1%}")
-        if "task" in after:
-            typer.echo(f"  answers: teacher {after['task']['teacher_accuracy']:.1%}, student "
-                       f"{before['task']['student_accuracy']:.1%} -> {after['task']['student_accuracy']:.1%}, "
-                       f"agreement {before['task']['answer_agreement']:.1%} -> {after['task']['answer_agreement']:.1%}")
-        typer.echo(f"Report: {result.out / 'distill_report.json'}")
-    typer.echo(f"Next: proxyv eval {result.out} --data {data}")
+    if "task" in before and "task" in after:
+        typer.echo(f"  answers: teacher {after['task']['teacher_accuracy']:.1%}, student "
+                   f"{before['task']['student_accuracy']:.1%} -> {after['task']['student_accuracy']:.1%}, "
+                   f"agreement {before['task']['answer_agreement']:.1%} -> {after['task']['answer_agreement']:.1%}")
+    typer.echo(f"Report: {result.out / 'distill_report.json'}")
+    columns = [(f"--{name}-column", value) for name, value in result.report["columns"].items()
+               if value is not None and value != default(Columns, name)]
+    typer.echo("Next: " + shlex.join([
+        "proxyv", "eval", str(result.out), "--data", str(data), "--split", result.report["held_out_split"],
+        *[part for pair in columns for part in pair], "--against-original",
+    ]))
 
 
 @app.command(
@@ -321,7 +356,7 @@ def card(
 
 @app.command(
     name="eval",
-    epilog="Examples: proxyv eval ./m --data shapes        proxyv eval ./m --data shapes --against-original",
+    epilog="Examples: proxyv eval ./m --data shapes        proxyv eval ./m --data ./vqa.jsonl --against-original",
 )
 def eval_command(
     ctx: typer.Context,
@@ -329,68 +364,84 @@ def eval_command(
         Path | None, typer.Argument(help="Model folder (ProxyV or plain LLaVA).", show_default=False)
     ] = None,
     data: Annotated[str, typer.Option(help="'shapes', a save_to_disk folder, a parquet/jsonl file, an image folder "
-                                           "or a Hub dataset name, with answers.")] = "shapes",
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+                                           "or a Hub dataset name, with answers.")] = default(EvalSection, "data"),
+    split: Annotated[str, typer.Option(help="Split to evaluate; NAME[a:b] takes rows a..b of it.")] = default(
+        EvalSection, "split"),
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N examples.")] = None,
     other: Annotated[Path | None, typer.Option(help="A second model folder: also report answer agreement.")] = None,
     against_original: Annotated[bool, typer.Option(
-        "--against-original", help="Compare with the same model with ProxyV off (the original model).")] = False,
+        "--against-original", help="Compare with the same model with ProxyV off (the original model).")] = default(
+        EvalSection, "against_original"),
     proxyv_off: Annotated[bool, typer.Option("--proxyv-off", help="Evaluate with ProxyV off.")] = False,
     noise_images: Annotated[bool, typer.Option("--noise-images", help="Replace every image by noise (a control).")]
     = False,
-    batch_size: Annotated[int, typer.Option(help="Examples per generate call.")] = 50,
-    image_column: Annotated[str, typer.Option(help="Column with the images.")] = "image",
+    batch_size: Annotated[int, typer.Option(help="Examples per generate call.")] = default(EvalSection, "batch_size"),
+    image_column: Annotated[str, typer.Option(help="Column with the images.")] = default(Columns, "image"),
     prompt_column: Annotated[str | None, typer.Option(help="Column with the questions (default: detected).")] = None,
     answer_column: Annotated[str | None, typer.Option(help="Column with the answers (default: detected).")] = None,
+    data_revision: Annotated[str | None, typer.Option(help="Revision of a Hub dataset.")] = None,
+    no_write: Annotated[bool, typer.Option("--no-write", help="Do not write eval_report.json into the model "
+                                                              "folder.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     recipe: RecipeOption = None,
 ) -> None:
-    """Exact-match accuracy with greedy decoding, and answer agreement with a second model."""
+    """Exact-match accuracy with greedy decoding, and answer agreement with a second model. The same data forms as
+    distill. For a ProxyV folder the result is written to eval_report.json (the model card shows it), unless it is a
+    control run (--proxyv-off, --noise-images)."""
     with user_errors(quiet):
-        from .evaluate import evaluate
+        from .evaluate import evaluate, write_report
 
         v = from_recipe(ctx, recipe, locals(), {
-            "model": "output", "data": "eval.data", "split": "eval.split", "limit": "eval.limit",
-            "batch_size": "eval.batch_size", "against_original": "eval.against_original",
+            "model": "output", "data": "eval.data", "data_revision": "eval.data_revision", "split": "eval.split",
+            "limit": "eval.limit", "batch_size": "eval.batch_size", "against_original": "eval.against_original",
             "image_column": "eval.columns.image", "prompt_column": "eval.columns.prompt",
             "answer_column": "eval.columns.answer",
         })
         require(v, model="MODEL")
+        use_threads(threads)
         model = Path(v["model"])
-        columns = {"image_column": v["image_column"]}
-        columns.update({"question_column": v["prompt_column"]} if v["prompt_column"] else {})
-        columns.update({"answer_column": v["answer_column"]} if v["answer_column"] else {})
         result = evaluate(
             model, v["data"], split=v["split"], limit=v["limit"], other=other,
             against_original=v["against_original"], proxyv_off=proxyv_off, noise_images=noise_images,
-            batch_size=v["batch_size"], progress=not quiet, **columns,
+            batch_size=v["batch_size"], progress=not quiet, revision=v["data_revision"],
+            columns=Columns(image=v["image_column"], prompt=v["prompt_column"], answer=v["answer_column"]),
         )
+        control = proxyv_off or noise_images
+        report = None if no_write or control else write_report(model, result)
     if json_output:
         typer.echo(result.to_json())
     else:
         typer.echo(f"{model}: {result.summary()}")
+    if report is not None:
+        typer.echo(f"Report: {report}")
 
 
-@app.command(epilog="Example: proxyv bench ./m --batch-sizes 1 8 --compile")
+@app.command(epilog="Example: proxyv bench ./m --batch-sizes 1 --batch-sizes 8 --compile")
 def bench(
     ctx: typer.Context,
     model: Annotated[Path | None, typer.Argument(help="ProxyV model folder.", show_default=False)] = None,
-    batch_sizes: Annotated[list[int], typer.Option(help="Batch sizes (repeat the option).")] = [1],  # noqa: B006
-    images: Annotated[list[int], typer.Option(help="Images per prompt (repeat the option).")] = [1],  # noqa: B006
-    text_tokens: Annotated[int, typer.Option(help="Text tokens per prompt.")] = 64,
-    repeats: Annotated[int, typer.Option(help="Timed repeats per side (median reported).")] = 10,
-    warmup: Annotated[int, typer.Option(help="Untimed runs per side first.")] = 3,
+    batch_sizes: Annotated[list[int], typer.Option(help="Batch sizes (repeat the option: --batch-sizes 1 "
+                                                        "--batch-sizes 8).")] = default(BenchSection, "batch_sizes"),
+    images: Annotated[list[int], typer.Option(help="Images per prompt (repeat the option).")] = default(
+        BenchSection, "images"),
+    text_tokens: Annotated[int, typer.Option(help="Text tokens per prompt.")] = default(BenchSection, "text_tokens"),
+    repeats: Annotated[int, typer.Option(help="Timed repeats per side (median reported).")] = default(
+        BenchSection, "repeats"),
+    warmup: Annotated[int, typer.Option(help="Untimed runs per side first.")] = default(BenchSection, "warmup"),
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the language model (both sides)."
-                                                )] = False,
+                                                )] = default(BenchSection, "compile"),
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA only: capture each side's language-model "
                                              "prefill in CUDA graphs (ProxyV's in two, its plan built while the first "
-                                             "runs) and time their replays.")] = False,
+                                             "runs) and time their replays.")] = default(BenchSection, "cuda_graph"),
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda when available).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (as stored), float32, bfloat16 or float16.")] = "auto",
-    attn: Annotated[str, typer.Option(help="Attention implementation: sdpa or eager.")] = "sdpa",
+    dtype: Annotated[str, typer.Option(help="auto (as stored), float32, bfloat16 or float16.")] = default(
+        BenchSection, "dtype"),
+    attn: Annotated[str, typer.Option(help="Attention implementation: sdpa or eager.")] = default(BenchSection, "attn"),
     no_write: Annotated[bool, typer.Option("--no-write", help="Do not write bench_report.json.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    threads: ThreadsOption = None,
     recipe: RecipeOption = None,
 ) -> None:
     """Time prefill and decoding with ProxyV on and off on the same inputs; writes bench_report.json."""
@@ -401,13 +452,14 @@ def bench(
             "model": "output", "batch_sizes": "bench.batch_sizes", "images": "bench.images",
             "text_tokens": "bench.text_tokens", "repeats": "bench.repeats", "warmup": "bench.warmup",
             "compile_model": "bench.compile", "cuda_graph": "bench.cuda_graph", "device": "bench.device",
-            "dtype": "bench.dtype",
+            "dtype": "bench.dtype", "attn": "bench.attn",
         })
         require(v, model="MODEL")
+        use_threads(threads)
         report, path = run_bench(
             Path(v["model"]), batch_sizes=tuple(v["batch_sizes"]), images=tuple(v["images"]),
             text_tokens=v["text_tokens"], repeats=v["repeats"], warmup=v["warmup"], compile=v["compile_model"],
-            cuda_graph=v["cuda_graph"], device=v["device"], dtype=v["dtype"], attn=attn, write=not no_write,
+            cuda_graph=v["cuda_graph"], device=v["device"], dtype=v["dtype"], attn=v["attn"], write=not no_write,
             progress=lambda message: typer.echo(message, err=True),
         )
     from .bench import format_report
@@ -428,12 +480,14 @@ def run(
     only: Annotated[list[str] | None, typer.Option(help="Run only this stage (repeat the option).")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Redo every stage, from the conversion.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or stage messages.")] = False,
 ) -> None:
     """Run a recipe: convert, distill, eval, bench and push (when a repo id is set); a rerun continues."""
     with user_errors(quiet):
         from .run import run as run_recipe
 
+        use_threads(threads)
         result = run_recipe(
             recipe, overrides or [], skip=tuple(skip or ()), only=tuple(only or ()), restart=restart,
             progress=not quiet, log=(lambda message: None) if quiet else (lambda m: typer.echo(m, err=True)),
@@ -457,7 +511,7 @@ app.add_typer(recipes_app, name="recipes")
 def recipes_list() -> None:
     """The shipped recipes and what each converts."""
     with user_errors():
-        from .recipes import load_recipe, shipped_recipes
+        from .config import load_recipe, shipped_recipes
 
         for name, path in shipped_recipes().items():
             recipe, _ = load_recipe(path)
@@ -469,7 +523,7 @@ def recipes_list() -> None:
 def recipes_show(name: Annotated[str, typer.Argument(help="Shipped recipe name or file.", show_default=False)]) -> None:
     """Print a recipe file."""
     with user_errors():
-        from .recipes import recipe_path
+        from .config import recipe_path
 
         typer.echo(recipe_path(name).read_text(), nl=False)
 
@@ -482,7 +536,7 @@ def validate(
 ) -> None:
     """Check a recipe (keys, values, and the start layer and factor against the model) without running it."""
     with user_errors():
-        from .recipes import check_against_model, load_recipe
+        from .config import check_against_model, load_recipe
 
         loaded, path = load_recipe(recipe, overrides or [])
         checked = check_against_model(loaded, str(path))

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from transformers import LlavaConfig
 from transformers.utils.hub import convert_file_size_to_int
 
 from .atomic import atomic_output, check_output
+from .config import Dtype, provenance, write_recipe
 from .errors import ProxyVError
-from .modeling import FAMILIES, ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration, auto_map, canonical_code
-from .recipe import provenance, write_recipe
-from .remote.modeling_proxyv import init_proxyv_module
+from .families import FAMILIES, family_of
+from .model_folder import PROXYV_PREFIX, canonical_code
+from .remote.configuration_proxyv import ProxyVLlavaConfig
+from .remote.modeling_proxyv import ProxyVLlavaForConditionalGeneration, init_proxyv_module
 from .safetensors_stream import (
     FLOAT_DTYPES,
     OutputTensor,
@@ -42,27 +45,15 @@ from .safetensors_stream import (
     write_checkpoint,
 )
 from .source import Source, fetch_weights, processor_files, read_llava_config, resolve_source, source_license
+from .weights import TORCH_DTYPES
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_CHOICES = typing.get_args(Dtype)
 DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # as transformers' save_pretrained
-PROXYV_PREFIX = "model.proxyv."
 INIT_SEED = 0
 PROXYV_FILE = "model-proxyv.safetensors"  # the ProxyV tensors, in a file of their own that distillation replaces
 
-# Source key -> native key of ProxyVLlavaForConditionalGeneration; the first matching rule wins. `{vision}` is
-# "vision_model." when the installed transformers keeps that level in the vision tower, else "".
-KEY_RULES = (
-    (r"^language_model\.lm_head\.", "lm_head."),  # Hub (llava-hf) and transformers 5 save layout
-    (r"^language_model\.model\.", "model.language_model."),
-    (r"^vision_tower\.(vision_model\.)?", "model.vision_tower.{vision}"),
-    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
-    (r"^image_newline$", "model.image_newline"),  # LLaVA-NeXT
-    (r"^model\.vision_tower\.(vision_model\.)?", "model.vision_tower.{vision}"),  # native layout
-    (r"^(model\.language_model\.|model\.multi_modal_projector\.|lm_head\.|model\.image_newline$)", r"\1"),
-)
 # Buffers that old checkpoints stored and current models recompute (transformers ignores them on load too).
 STALE_BUFFERS = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
 
@@ -116,9 +107,10 @@ def convert(
     )
     fetch_weights(src)
     weights = source_weights(src)
+    family = family_of(config)
     with torch.device("meta"):
-        model = FAMILIES[source_type(config)][2](config)
-    matched = match_weights(src.name, weights, model)
+        model = family.head(config)
+    matched = match_weights(src.name, weights, model, family.key_rules)
     float_code = DTYPE_CODES[dtype] if dtype != "auto" else dominant_float_dtype(weights.values())
     if dtype != "auto":
         config.dtype = dtype
@@ -145,23 +137,18 @@ def convert(
     )
 
 
-def source_type(config) -> str:
-    """The family ("llava" or "llava_next") of a ProxyV config."""
-    return next(kind for kind, family in FAMILIES.items() if isinstance(config, family[0]))
-
-
 def proxyv_config(src: Source, llava: LlavaConfig, layer: int, reduce_factor: int, proxy: str = "spatial",
                   learned_proxies: int | None = None) -> ProxyVLlavaConfig:
-    config_class, _, head = FAMILIES[llava.model_type]
+    family = FAMILIES[llava.model_type]
     try:
-        config = config_class.from_llava_config(
+        config = family.config.from_llava_config(
             llava, proxyv_start_layer=layer, proxyv_reduce_factor=reduce_factor, proxyv_base_model=src.name,
             proxyv_proxy=proxy, proxyv_learned_proxies=learned_proxies,
         )
     except ValueError as e:
         raise ProxyVError(f"cannot convert {src.name}: {e}") from None
-    config.auto_map = auto_map(config_class)
-    config.architectures = [head.__name__]
+    config.auto_map = family.auto_map()
+    config.architectures = [family.head.__name__]
     return config
 
 
@@ -174,16 +161,17 @@ def source_weights(src: Source) -> dict[str, TensorInfo]:
     return weights
 
 
-def target_name(key: str, vision: str) -> str | None:
-    """The native name of a source checkpoint key, or None when no rule applies."""
-    for pattern, replacement in KEY_RULES:
+def target_name(key: str, vision: str, rules: tuple[tuple[str, str], ...]) -> str | None:
+    """The native name of a source checkpoint key under a family's key rules, or None when no rule applies."""
+    for pattern, replacement in rules:
         if re.match(pattern, key):
             return re.sub(pattern, replacement.replace("{vision}", vision), key, count=1)
     return None
 
 
 def match_weights(
-    source: str, weights: dict[str, TensorInfo], model: ProxyVLlavaForConditionalGeneration
+    source: str, weights: dict[str, TensorInfo], model: ProxyVLlavaForConditionalGeneration,
+    rules: tuple[tuple[str, str], ...],
 ) -> dict[str, TensorInfo]:
     """{native name: source tensor} for every parameter of `model` except the ProxyV ones and absent tied weights.
 
@@ -195,7 +183,7 @@ def match_weights(
     matched: dict[str, TensorInfo] = {}
     unexpected, mismatched = [], []
     for key, info in weights.items():
-        name = target_name(key, vision)
+        name = target_name(key, vision, rules)
         if name not in expected and STALE_BUFFERS.search(key):
             continue
         if name not in expected or name in matched:

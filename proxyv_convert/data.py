@@ -1,4 +1,4 @@
-"""Image-prompt data for distillation and evaluation, from wherever users keep it.
+"""Image-prompt data for every command that reads a dataset (distill, eval), from wherever users keep it.
 
 `--data` may be:
   - `shapes`: the built-in task (generated deterministically and cached);
@@ -6,18 +6,22 @@
   - a `.parquet`, `.jsonl` or `.json` file whose image column holds image paths (relative to the file) or bytes;
   - a folder of images (with an optional `metadata.jsonl` holding prompts and answers, as `imagefolder` reads it);
   - a dataset name on the Hugging Face Hub (downloaded with `datasets`, honouring HF_ENDPOINT / HF_TOKEN).
-Images are decoded lazily; those that fail to decode are skipped and counted, never fatal.
+A split may select rows with Python slice syntax, `validation[:-500]` / `validation[-500:]`, so that one split
+gives disjoint training and held-out rows. Images are decoded lazily; those that fail to decode are skipped and
+counted, never fatal.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from .config import Columns
 from .errors import ProxyVError
 
 if TYPE_CHECKING:  # imported where used: commands that read no dataset start without it
@@ -28,15 +32,7 @@ PROMPT_COLUMNS = ("question", "prompt", "instruction", "text", "query")
 ANSWER_COLUMNS = ("answer", "response", "output", "label")
 TABLE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 DEFAULT_PROMPT = "Describe the image."
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Column names; `prompt`/`answer` of None are detected from common names."""
-
-    image: str = "image"
-    prompt: str | None = None
-    answer: str | None = None
+SPLIT_SLICE = re.compile(r"^(?P<name>[^\[\]]+?)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
 
 
 @dataclass
@@ -78,16 +74,21 @@ def decode_image(value) -> Image.Image | None:
 
 
 def load_data(
-    data: str | Path,
+    data: str | Path | datasets.Dataset | datasets.DatasetDict,
     *,
     split: str,
     columns: Columns = Columns(),
     revision: str | None = None,
 ) -> ImageTextData:
-    """The `split` of `data` with its columns resolved; ProxyVError when it is missing, empty or unusable."""
+    """The `split` of `data` with its columns resolved; ProxyVError when it is missing, empty or unusable. `data` may
+    also be a Dataset or DatasetDict in memory."""
     import datasets
 
-    rows = _load_split(str(data), split, revision, columns.image)
+    name, rows_slice = parse_split(split)
+    if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
+        rows = _pick_split(data, name, "the dataset")
+    else:
+        rows = _load_split(str(data), name, revision, columns.image)
     if columns.image not in rows.column_names:
         raise ProxyVError(
             f"the data has no image column '{columns.image}'; its columns: {', '.join(rows.column_names)} "
@@ -95,11 +96,23 @@ def load_data(
         )
     prompt = _column(rows, columns.prompt, PROMPT_COLUMNS, "--prompt-column")
     answer = _column(rows, columns.answer, ANSWER_COLUMNS, "--answer-column")
+    if rows_slice is not None:
+        rows = rows.select(range(len(rows))[rows_slice])
     if len(rows) == 0:
         raise ProxyVError(f"the '{split}' split of {data} is empty")
     if isinstance(rows.features.get(columns.image), datasets.Image):
         rows = rows.cast_column(columns.image, datasets.Image(decode=False))  # decode ourselves, skipping failures
-    return ImageTextData(rows=rows, image=columns.image, prompt=prompt, answer=answer, source=str(data))
+    source = str(data) if isinstance(data, (str, Path)) else "the dataset"
+    return ImageTextData(rows=rows, image=columns.image, prompt=prompt, answer=answer, source=source)
+
+
+def parse_split(split: str) -> tuple[str, slice | None]:
+    """("validation", slice(-500, None)) for "validation[-500:]"; (split, None) without a slice."""
+    found = SPLIT_SLICE.match(split.strip())
+    if found is None:
+        raise ProxyVError(f"split '{split}' is neither a split name nor NAME[start:stop] (e.g. validation[-500:])")
+    bounds = [int(found[key]) if found[key] else None for key in ("start", "stop")]
+    return found["name"], None if found.group(2) is None else slice(*bounds)
 
 
 def _column(rows: datasets.Dataset, name: str | None, candidates: tuple[str, ...], option: str) -> str | None:
@@ -113,7 +126,6 @@ def _column(rows: datasets.Dataset, name: str | None, candidates: tuple[str, ...
 
 
 def _load_split(data: str, split: str, revision: str | None, image_column: str) -> datasets.Dataset:
-    import datasets
 
     if data in BUILTIN:
         from .shapes import load_shapes
@@ -126,6 +138,12 @@ def _load_split(data: str, split: str, revision: str | None, image_column: str) 
         raise ProxyVError(f"data {data} does not exist")
     else:
         loaded = _load_hub(data, revision)
+    return _pick_split(loaded, split, data)
+
+
+def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, data: str) -> datasets.Dataset:
+    import datasets
+
     if isinstance(loaded, datasets.Dataset):
         if split not in ("train", loaded.split and str(loaded.split)):
             raise ProxyVError(f"{data} has a single split; ask for split 'train'")

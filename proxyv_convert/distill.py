@@ -17,8 +17,9 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,52 +28,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .batching import Batch, Batcher
-from .data import Columns, ImageTextData, load_data
+from .config import RECIPE_FILE, Columns, DistillSettings, dump_recipe, read_recipe
+from .data import ImageTextData, load_data, parse_split
 from .errors import ProxyVError
-from .modeling import is_proxyv_folder, load_model
-from .recipe import RECIPE_FILE, dump_recipe, read_recipe
+from .model_folder import CHECKPOINT_DIR, DISTILL_REPORT, folder_family, load_model
+from .threads import warn_if_busy
 from .weights import write_proxyv_weights
-
-CHECKPOINT_DIR = ".distill"
-REPORT = "distill_report.json"
-HIDDEN_LOSSES = ("relative", "mse", "cosine")
-
-
-@dataclass
-class DistillSettings:
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    max_length: int = 2048
-    hidden_loss: str = "relative"
-    vision_weight: float = 1.0
-    text_weight: float = 1.0
-    kl_weight: float = 1.0
-    checkpoint_every: int = 50
-    gradient_accumulation: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    seed: int = 0
-    train_split: str = "train"
-    eval_split: str = "validation"
-    eval_examples: int = 200
-
-    def check(self) -> None:
-        positive = ("steps", "batch_size", "checkpoint_every", "gradient_accumulation", "max_length")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ProxyVError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ProxyVError(f"--lr must be positive, got {self.lr}")
-        if self.hidden_loss not in HIDDEN_LOSSES:
-            raise ProxyVError(f"--hidden-loss must be one of {', '.join(HIDDEN_LOSSES)}, got '{self.hidden_loss}'")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ProxyVError(f"--mixed-precision must be no, bf16 or fp16, got '{self.mixed_precision}'")
-        if min(self.vision_weight, self.text_weight, self.kl_weight) < 0:
-            raise ProxyVError("loss weights must not be negative")
 
 
 @dataclass
@@ -90,11 +51,11 @@ def distill_command(model: str, data: str, settings: DistillSettings, *, out: st
 
     args = ["proxyv", "distill", model, "--data", data]
     defaults = DistillSettings()
-    for name, value in asdict(settings).items():
+    for name, value in settings.model_dump().items():
         if value != getattr(defaults, name):
             option = "--" + name.replace("_", "-")
             args += [option] if value is True else [option, str(value)]
-    for name, value in (("image", columns.image), ("prompt", columns.prompt), ("answer", columns.answer)):
+    for name, value in columns.model_dump().items():
         if value != getattr(Columns(), name):
             args += [f"--{name}-column", str(value)]
     args += ["--out", out] if out else []
@@ -106,9 +67,9 @@ def recipe_with_distill(
 ) -> str:
     """The folder's recipe text with this run's `distill` section and command (when given) added."""
     sections, commands = read_recipe(folder)
-    section = {"data": data, **asdict(settings)}
+    section = {"data": data, **settings.model_dump()}
     if columns != Columns():
-        section["columns"] = asdict(columns)
+        section["columns"] = columns.model_dump()
     return dump_recipe({**sections, "distill": section}, [*commands, *([command] if command else [])])
 
 
@@ -334,17 +295,50 @@ class _Interrupt:
 
 
 def held_out(data: str, columns: Columns, revision: str | None, settings: DistillSettings,
-             train: ImageTextData) -> tuple[ImageTextData, list[int], list[int]]:
-    """(held-out data, its indices, the training indices): the eval split, or the tail of the train split."""
-    if settings.eval_split == settings.train_split:
-        held = min(settings.eval_examples, len(train) // 10)
-        return train, list(range(len(train) - held, len(train))), list(range(len(train) - held))
+             train: ImageTextData) -> tuple[ImageTextData, list[int], list[int], str]:
+    """(held-out data, its indices, the training indices, the held-out rows as a split expression for `proxyv eval`):
+    the eval split, or, when it is the train split or does not exist, the tail of the train split (at least one row).
+    Raises ProxyVError, before anything is written, when the held-out rows would overlap the training rows or no row
+    is left to train on."""
     try:
-        evaluation = load_data(data, split=settings.eval_split, columns=columns, revision=revision)
-        return evaluation, list(range(min(settings.eval_examples, len(evaluation)))), list(range(len(train)))
+        evaluation = None if settings.eval_split == settings.train_split else load_data(
+            data, split=settings.eval_split, columns=columns, revision=revision)
     except ProxyVError:
-        held = min(settings.eval_examples, len(train) // 10)
-        return train, list(range(len(train) - held, len(train))), list(range(len(train) - held))
+        evaluation = None  # no such split: hold out the tail of the train split
+    if evaluation is not None:
+        check_disjoint(data, settings, revision, columns)
+        shown = min(settings.eval_examples, len(evaluation))
+        return evaluation, list(range(shown)), list(range(len(train))), settings.eval_split
+    held = min(settings.eval_examples, max(1, len(train) // 10))
+    if len(train) - held < 1:
+        raise ProxyVError(
+            f"the '{settings.train_split}' split of {data} has {len(train)} row(s); distillation needs at least 2 "
+            "(one to train on, one held out for the before/after report), or a separate --eval-split"
+        )
+    name, rows = parse_split(settings.train_split)
+    if rows is None:
+        expression = f"{name}[-{held}:]"
+    else:  # the tail of a slice, as rows of the whole split
+        positions = range(len(load_data(data, split=name, columns=columns, revision=revision)))[rows]
+        expression = f"{name}[{positions[len(train) - held]}:{positions[-1] + 1}]"
+    return train, list(range(len(train) - held, len(train))), list(range(len(train) - held)), expression
+
+
+def check_disjoint(data: str, settings: DistillSettings, revision: str | None, columns: Columns) -> None:
+    """Slices of one split (`validation[:-500]`, `validation[-500:]`) must not share rows."""
+    (train_name, train_rows), (eval_name, eval_rows) = parse_split(settings.train_split), parse_split(
+        settings.eval_split)
+    if train_name != eval_name:
+        return
+    total = len(load_data(data, split=train_name, columns=columns, revision=revision))
+    rows = range(total)
+    shared = set(rows[train_rows or slice(None)]) & set(rows[eval_rows or slice(None)])
+    if shared:
+        raise ProxyVError(
+            f"--eval-split {settings.eval_split} shares {len(shared)} row(s) with --train-split "
+            f"{settings.train_split}; hold out other rows, e.g. {train_name}[:-{settings.eval_examples}] and "
+            f"{train_name}[-{settings.eval_examples}:]"
+        )
 
 
 def check_images_decode(data: ImageTextData, indices: list[int], seed: int, probe: int = 16) -> None:
@@ -382,20 +376,22 @@ def distill(
     revision: str | None = None,
     progress: bool = True,
     record_command: bool = True,
+    continue_with: str = "--resume",
 ) -> DistillResult:
     """Distill the ProxyV parameters of the model in `model_dir` against the same weights with ProxyV off, and write
     them to `model_dir` (or to a copy at `out`), replacing only the ProxyV tensors. The folder's recipe gets this
     run's `distill` section and, with `record_command`, the equivalent `proxyv distill` command in its header (a
-    pipeline that records its own command turns that off)."""
+    pipeline that records its own command turns that off). `continue_with` tells the user how to continue an
+    interrupted run (a pipeline has its own way)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from transformers import AutoProcessor
 
     settings = settings or DistillSettings()
-    settings.check()
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else None
-    if not is_proxyv_folder(model_dir):
+    family = folder_family(model_dir)
+    if family is None:
         raise ProxyVError(f"{model_dir} is not a ProxyV model folder; make one with `proxyv convert`")
     if out is not None and out.exists() and not resume:
         raise ProxyVError(f"{out} already exists; choose another --out or remove it")
@@ -415,7 +411,7 @@ def distill(
     )
     torch.manual_seed(settings.seed)
     train = load_data(data, split=settings.train_split, columns=columns, revision=revision)
-    evaluation, eval_indices, train_indices = held_out(data, columns, revision, settings, train)
+    evaluation, eval_indices, train_indices, held_split = held_out(data, columns, revision, settings, train)
     check_images_decode(train, train_indices, settings.seed)
     model = load_model(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -433,8 +429,8 @@ def distill(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    train_batcher = Batcher(train, processor, image_token_id, settings.max_length)
-    eval_batcher = Batcher(evaluation, processor, image_token_id, settings.max_length)
+    train_batcher = Batcher(train, processor, image_token_id, settings.max_length, family.image_inputs)
+    eval_batcher = Batcher(evaluation, processor, image_token_id, settings.max_length, family.image_inputs)
     fingerprint = {"data": str(data), "examples": len(train_indices), "seed": settings.seed,
                    "batch_size": settings.batch_size, "gradient_accumulation": settings.gradient_accumulation,
                    "processes": accelerator.num_processes}
@@ -455,6 +451,8 @@ def distill(
     per_process = settings.batch_size * settings.gradient_accumulation
     global_batch = per_process * accelerator.num_processes
     rank = accelerator.process_index
+    if accelerator.device.type == "cpu" and accelerator.is_main_process and progress:
+        warn_if_busy(lambda message: tqdm.write(message, file=sys.stderr))
     bar = tqdm(total=settings.steps, initial=state["step"], desc="distill", unit="step",
                disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
     started = time.perf_counter() - state["seconds"]
@@ -470,8 +468,8 @@ def distill(
                     save_checkpoint(checkpoints, model, optimizer, scheduler, state)
                 raise ProxyVError(
                     f"the loss became {logged['loss']} at step {step + 1}; stopped without changing the model. "
-                    f"The last good weights (step {step}) are saved in {checkpoints}: resume with --resume and a "
-                    "smaller --lr", exit_code=1,
+                    f"The last good weights (step {step}) are saved in {checkpoints}: continue with {continue_with} "
+                    "and a smaller learning rate", exit_code=1,
                 )
             accelerator.clip_grad_norm_(proxyv.parameters(), settings.max_grad_norm)
             optimizer.step()
@@ -490,7 +488,7 @@ def distill(
             if interrupt.flag and not done:
                 bar.close()
                 raise ProxyVError(
-                    f"interrupted at step {state['step']}; the progress is saved: continue with --resume",
+                    f"interrupted at step {state['step']}; the progress is saved: continue with {continue_with}",
                     exit_code=130,
                 )
     bar.close()
@@ -499,7 +497,8 @@ def distill(
     if evaluation.answer:
         after["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size)
     report = {
-        "model": str(model_dir), "data": str(data), "settings": asdict(settings), "columns": asdict(columns),
+        "model": str(model_dir), "data": str(data), "held_out_split": held_split, "settings": settings.model_dump(),
+        "columns": columns.model_dump(),
         "processes": accelerator.num_processes, "device": str(accelerator.device),
         "steps": state["step"], "wall_seconds": round(seconds, 2),
         "steps_per_second": round(state["step"] / max(seconds, 1e-9), 4),
@@ -511,7 +510,7 @@ def distill(
         params = {f"model.proxyv.{n}": p.detach() for n, p in unwrap(model).model.proxyv.named_parameters()}
         command = distill_command(str(model_dir), str(data), settings, out=None if out is None else str(out),
                                   columns=columns) if record_command else None
-        files = {REPORT: json.dumps(report, indent=1)}
+        files = {DISTILL_REPORT: json.dumps(report, indent=1)}
         if (model_dir / RECIPE_FILE).is_file():
             files[RECIPE_FILE] = recipe_with_distill(model_dir, str(data), settings, command, columns)
         write_proxyv_weights(model_dir, params, out=out, files=files)

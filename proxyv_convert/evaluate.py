@@ -3,29 +3,32 @@
     result = evaluate("proxyv_convert/assets/llava-shapes", "shapes")  # the built-in task's test split
     result = evaluate(converted_dir, "shapes", other="proxyv_convert/assets/llava-shapes")  # + agreement
 
-Prompts are the model's own chat template with one image and the question; answers are compared after lower-casing
-and collapsing whitespace.
+The data comes through the same loader as distillation's (`data.load_data`: every form `--data` takes). Prompts are
+the model's own chat template with one image and the question; answers are compared after lower-casing and
+collapsing whitespace. Examples whose image does not decode are skipped and counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoProcessor, LlavaForConditionalGeneration, ProcessorMixin
+from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
+from .atomic import write_text
+from .batching import chat_text
+from .config import Columns, EvalSection, default
+from .data import ANSWER_COLUMNS, ImageTextData, load_data
 from .errors import ProxyVError
-from .modeling import load_model
-
-BUILTIN_DATA = ("shapes",)
+from .model_folder import EVAL_REPORT, is_proxyv_folder, load_model
 
 
 @dataclass
@@ -39,16 +42,18 @@ class EvalResult:
     answers: list[str]
     predictions: list[str]
     correct: list[bool]
+    data: str = ""
+    split: str = ""
+    skipped_images: int = 0
     per_kind: dict[str, float] = field(default_factory=dict)
     agreement: float | None = None
+    other: str | None = None  # what the second model was: "original" (ProxyV off) or its folder
     other_accuracy: float | None = None
     other_predictions: list[str] | None = None
 
     def to_json(self) -> str:
-        import json
-
-        keys = ("accuracy", "n", "seconds", "per_kind", "agreement", "other_accuracy")
-        summary = {k: getattr(self, k) for k in keys}
+        summary = {k: v for k, v in asdict(self).items()
+                   if k not in ("questions", "answers", "predictions", "correct", "other_predictions")}
         examples = [
             {"question": q, "answer": a, "prediction": p, **({"other": o} if self.other_predictions else {})}
             for q, a, p, o in zip(self.questions, self.answers, self.predictions,
@@ -60,8 +65,11 @@ class EvalResult:
         text = f"accuracy {self.accuracy:.1%} on {self.n} examples ({self.seconds:.1f} s)"
         if self.per_kind:
             text += " [" + ", ".join(f"{k} {v:.1%}" for k, v in self.per_kind.items()) + "]"
+        if self.skipped_images:
+            text += f"; {self.skipped_images} example(s) skipped (image did not decode)"
         if self.agreement is not None:
-            text += f"; other model: accuracy {self.other_accuracy:.1%}, answer agreement {self.agreement:.1%}"
+            other = "original model" if self.other == "original" else "other model"
+            text += f"; {other}: accuracy {self.other_accuracy:.1%}, answer agreement {self.agreement:.1%}"
         return text
 
 
@@ -69,48 +77,11 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def load_eval_data(data: str | Path | datasets.Dataset | datasets.DatasetDict, split: str = "test") -> datasets.Dataset:
-    """A dataset split from the name of a built-in task, a `save_to_disk` folder, or a (Dataset|DatasetDict) object."""
-    if isinstance(data, str) and data in BUILTIN_DATA:
-        from .shapes import load_shapes
-
-        return load_shapes(split)
-    if isinstance(data, (str, Path)):
-        path = Path(data)
-        if not path.exists():
-            raise ProxyVError(
-                f"data '{data}' is neither a built-in task ({', '.join(BUILTIN_DATA)}) nor an existing folder; "
-                "pass a folder written by datasets' save_to_disk"
-            )
-        try:
-            data = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as error:
-            raise ProxyVError(f"{path} is not a dataset folder written by datasets' save_to_disk ({error})") from None
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise ProxyVError(f"the dataset has no split '{split}'; its splits: {', '.join(data)}")
-        data = data[split]
-    if not isinstance(data, datasets.Dataset):
-        raise ProxyVError(f"data must be a task name, a dataset folder or a Dataset, not {type(data).__name__}")
-    return data
-
-
-def check_columns(data: datasets.Dataset, columns: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in data.column_names]
-    if missing:
-        raise ProxyVError(
-            f"the dataset has no column {', '.join(repr(c) for c in missing)}; its columns: "
-            f"{', '.join(data.column_names)} (choose others with image_column/question_column/answer_column)"
-        )
-    if len(data) == 0:
-        raise ProxyVError("the dataset is empty")
-
-
-def load_for_eval(model: str | Path | LlavaForConditionalGeneration,
-                  processor: ProcessorMixin | None = None) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
+def load_for_eval(model: str | Path | PreTrainedModel,
+                  processor: ProcessorMixin | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A model (loaded from its folder when given as a path) and its processor (from the same folder by default)."""
     if isinstance(model, (str, Path)):
-        from .recipes import resolve_model_source
+        from .config import resolve_model_source
 
         folder = Path(resolve_model_source(str(model)))  # builtin:NAME -> the shipped folder
         model = load_model(folder)
@@ -132,16 +103,10 @@ def noise_image(like: Image.Image, seed: int) -> Image.Image:
 
 
 @torch.no_grad()
-def generate_answers(model: LlavaForConditionalGeneration, processor: ProcessorMixin, images: list[Image.Image],
+def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, images: list[Image.Image],
                      questions: list[str], *, max_new_tokens: int) -> list[str]:
     """Greedy answers to one question per image, as one left-padded batch."""
-    prompts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-            add_generation_prompt=True,
-        )
-        for q in questions
-    ]
+    prompts = [chat_text(processor, question) for question in questions]
     inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
@@ -154,45 +119,58 @@ def generate_answers(model: LlavaForConditionalGeneration, processor: ProcessorM
     return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def predict(model: LlavaForConditionalGeneration, processor: ProcessorMixin, data: datasets.Dataset, *,
-            image_column: str, question_column: str, batch_size: int, noise_images: bool, max_new_tokens: int,
-            progress: bool, desc: str) -> list[str]:
+def decoded_examples(data: ImageTextData, limit: int | None) -> tuple[list[tuple[Image.Image, str, str]], int]:
+    """(image, question, answer) of the first `limit` examples whose image decodes, and how many were skipped."""
+    examples, skipped = [], 0
+    for index in range(len(data)):
+        if limit is not None and len(examples) == limit:
+            break
+        image, question, answer = data.example(index)
+        if image is None:
+            skipped += 1
+        else:
+            examples.append((image, question, answer))
+    return examples, skipped
+
+
+def predict(model: PreTrainedModel, processor: ProcessorMixin, examples: list[tuple[Image.Image, str, str]], *,
+            batch_size: int, noise_images: bool, max_new_tokens: int, progress: bool, desc: str) -> list[str]:
     predictions: list[str] = []
-    starts = range(0, len(data), batch_size)
+    starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-        rows = data[start : start + batch_size]
-        images = [image.convert("RGB") for image in rows[image_column]]
+        rows = examples[start : start + batch_size]
+        images = [image for image, _, _ in rows]
         if noise_images:
             images = [noise_image(image, start + i) for i, image in enumerate(images)]
-        predictions += generate_answers(model, processor, images, rows[question_column], max_new_tokens=max_new_tokens)
+        predictions += generate_answers(model, processor, images, [q for _, q, _ in rows],
+                                        max_new_tokens=max_new_tokens)
     return predictions
 
 
 def evaluate(
-    model: str | Path | LlavaForConditionalGeneration,
-    data: str | Path | datasets.Dataset | datasets.DatasetDict = "shapes",
+    model: str | Path | PreTrainedModel,
+    data: str | Path | datasets.Dataset | datasets.DatasetDict = default(EvalSection, "data"),
     *,
-    split: str = "test",
+    split: str = default(EvalSection, "split"),
     limit: int | None = None,
-    batch_size: int = 50,
-    other: str | Path | LlavaForConditionalGeneration | None = None,
+    batch_size: int = default(EvalSection, "batch_size"),
+    other: str | Path | PreTrainedModel | None = None,
     noise_images: bool = False,
     progress: bool = True,
     processor: ProcessorMixin | None = None,
     other_processor: ProcessorMixin | None = None,
-    image_column: str = "image",
-    question_column: str = "question",
-    answer_column: str = "answer",
+    columns: Columns = Columns(),
+    revision: str | None = None,
     kind_column: str = "kind",
     max_new_tokens: int = 8,
-    against_original: bool = False,
+    against_original: bool = default(EvalSection, "against_original"),
     proxyv_off: bool = False,
 ) -> EvalResult:
     """Exact-match accuracy of `model` on a split with greedy decoding; with `other`, also that model's accuracy and
     how often the two give the same answer. `noise_images` replaces every image by noise (a control).
 
     `model` / `other`: a model folder (plain LLaVA or ProxyV) or a loaded model; the processor comes from the folder
-    unless given. `data`: "shapes" (the built-in task), a `save_to_disk` folder, or a Dataset/DatasetDict.
+    unless given. `data`: anything `--data` takes (see `data.load_data`), or a Dataset/DatasetDict.
     `against_original`: `other` is the same ProxyV model with ProxyV off (the original model's computation).
     `proxyv_off`: evaluate `model` itself with ProxyV off.
     """
@@ -202,10 +180,15 @@ def evaluate(
         raise ProxyVError(f"limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise ProxyVError(f"batch_size must be at least 1, got {batch_size}")
-    dataset = load_eval_data(data, split)
-    check_columns(dataset, (image_column, question_column, answer_column))
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
+    rows = load_data(data, split=split, columns=columns, revision=revision)
+    if rows.answer is None:
+        raise ProxyVError(
+            f"the data has no answer column (looked for {', '.join(ANSWER_COLUMNS)}; its columns: "
+            f"{', '.join(rows.rows.column_names)}); choose one with --answer-column"
+        )
+    examples, skipped = decoded_examples(rows, limit)
+    if not examples:
+        raise ProxyVError(f"no image of the '{split}' split of {rows.source} could be decoded (column '{rows.image}')")
     model, processor = load_for_eval(model, processor)
     if (against_original or proxyv_off) and not hasattr(model, "proxyv_disabled"):
         raise ProxyVError("--against-original and --proxyv-off need a ProxyV model")
@@ -213,26 +196,28 @@ def evaluate(
         other, other_processor = load_for_eval(other, other_processor)
 
     started = time.perf_counter()
-    options = dict(image_column=image_column, question_column=question_column, batch_size=batch_size,
-                   noise_images=noise_images, max_new_tokens=max_new_tokens, progress=progress)
+    options = dict(batch_size=batch_size, noise_images=noise_images, max_new_tokens=max_new_tokens, progress=progress)
     with model.proxyv_disabled() if proxyv_off else contextlib.nullcontext():
-        predictions = predict(model, processor, dataset, desc="evaluate", **options)
-    answers = list(dataset[answer_column])
+        predictions = predict(model, processor, examples, desc="evaluate", **options)
+    answers = [answer for _, _, answer in examples]
     correct = [normalise(p) == normalise(a) for p, a in zip(predictions, answers, strict=True)]
     result = EvalResult(
-        accuracy=sum(correct) / len(correct), n=len(correct), seconds=0.0, questions=list(dataset[question_column]),
-        answers=answers, predictions=predictions, correct=correct,
+        accuracy=sum(correct) / len(correct), n=len(correct), seconds=0.0, questions=[q for _, q, _ in examples],
+        answers=answers, predictions=predictions, correct=correct, data=rows.source, split=split,
+        skipped_images=skipped,
     )
-    if kind_column in dataset.column_names:
-        kinds = dataset[kind_column]
+    if kind_column in rows.rows.column_names and not skipped:
+        kinds = rows.rows[kind_column][: len(examples)]
         for kind in sorted(set(kinds)):
             hits = [c for c, k in zip(correct, kinds, strict=True) if k == kind]
             result.per_kind[kind] = sum(hits) / len(hits)
     if against_original:
+        result.other = "original"
         with model.proxyv_disabled():
-            result.other_predictions = predict(model, processor, dataset, desc="evaluate original", **options)
+            result.other_predictions = predict(model, processor, examples, desc="evaluate original", **options)
     elif other is not None:
-        result.other_predictions = predict(other, other_processor, dataset, desc="evaluate other", **options)
+        result.other = str(getattr(other, "name_or_path", "") or "other")
+        result.other_predictions = predict(other, other_processor, examples, desc="evaluate other", **options)
     if result.other_predictions is not None:
         result.other_accuracy = sum(
             normalise(p) == normalise(a) for p, a in zip(result.other_predictions, answers, strict=True)
@@ -242,3 +227,10 @@ def evaluate(
         ) / len(answers)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def write_report(folder: str | Path, result: EvalResult) -> Path | None:
+    """Write `eval_report.json` into a ProxyV model folder (the model card shows it); None for other folders."""
+    if not is_proxyv_folder(Path(folder)):
+        return None
+    return write_text(Path(folder) / EVAL_REPORT, result.to_json())

@@ -29,10 +29,10 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from . import __version__
-from .card import CARD_FILE, model_card, pinned_revision
+from .card import model_card, pinned_revision
 from .convert import target_name
 from .errors import ProxyVError
-from .modeling import PROXYV_MODEL_TYPES, code_differences, folder_model_type, is_proxyv_folder
+from .model_folder import CARD_FILE, code_differences, folder_family
 from .safetensors_stream import read_checkpoint
 from .source import processor_files
 
@@ -123,7 +123,7 @@ def check_folder(folder: Path) -> list[str]:
     """Run the checks that need no subprocess; returns the files to upload (relative POSIX paths, card excluded)."""
     if not folder.is_dir():
         raise ProxyVError(f"{folder} is not a folder")
-    if not is_proxyv_folder(folder):
+    if folder_family(folder) is None:
         raise ProxyVError(
             f"{folder} is not a ProxyV model folder (its config.json has no ProxyV model_type); "
             "make one with `proxyv convert`"
@@ -146,10 +146,10 @@ def check_weights(folder: Path) -> None:
     if not stored:
         raise ProxyVError(f"{folder} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
     try:
-        config_class, _, head = PROXYV_MODEL_TYPES[folder_model_type(folder)]
-        config = config_class.from_pretrained(folder)
+        family = folder_family(folder)
+        config = family.config.from_pretrained(folder)
         with torch.device("meta"):
-            model = head(config)
+            model = family.head(config)
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise ProxyVError(f"{folder / 'config.json'} does not describe a valid ProxyV model: {e}") from None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -157,7 +157,7 @@ def check_weights(folder: Path) -> None:
     found: dict[str, str] = {}
     problems = []
     for key, info in stored.items():
-        name = key if key in expected else target_name(key, vision)
+        name = key if key in expected else target_name(key, vision, family.key_rules)
         if name not in expected:
             continue  # transformers ignores unexpected tensors (e.g. old rotary buffers)
         if info.shape != expected[name]:

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import write_text
+from .config import (
+    RECIPE_FILE,
+    STAGES,
+    Recipe,
+    check_against_model,
+    dump_recipe,
+    load_recipe,
+    read_recipe,
+    resolve_model_source,
+)
 from .errors import ProxyVError
-from .recipe import RECIPE_FILE, dump_recipe, read_recipe
-from .recipes import STAGES, Recipe, check_against_model, load_recipe, resolve_model_source
-
-STATE_FILE = "run_state.json"
-EVAL_REPORT = "eval_report.json"
+from .model_folder import CHECKPOINT_DIR, RUN_STATE
 
 
 @dataclass
@@ -50,7 +56,7 @@ def default_output(recipe: Recipe) -> Path:
 
 
 def _read_state(output: Path) -> dict | None:
-    path = output / STATE_FILE
+    path = output / RUN_STATE
     if not path.is_file():
         return None
     try:
@@ -60,9 +66,7 @@ def _read_state(output: Path) -> dict | None:
 
 
 def _write_state(output: Path, state: dict) -> None:
-    tmp = output / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, output / STATE_FILE)
+    write_text(output / RUN_STATE, json.dumps(state, indent=1))
 
 
 def _record_recipe(output: Path, recipe: Recipe, command: str) -> None:
@@ -71,9 +75,7 @@ def _record_recipe(output: Path, recipe: Recipe, command: str) -> None:
     data = json.loads(recipe.model_dump_json(exclude_none=True, exclude={"output", "provenance"}))
     data["model"] = {**sections.get("model", {}), **data["model"]}
     data["provenance"] = sections.get("provenance", {})
-    tmp = output / f".{RECIPE_FILE}.tmp"
-    tmp.write_text(dump_recipe(data, [command]))
-    os.replace(tmp, output / RECIPE_FILE)
+    write_text(output / RECIPE_FILE, dump_recipe(data, [command]))
 
 
 def run(
@@ -116,7 +118,7 @@ def run(
         if stage != "convert" and not (output / "config.json").is_file():
             raise ProxyVError(f"stage {stage} needs the converted model in {output}; run the convert stage first")
         log(f"[{stage}] running")
-        numbers = STAGE_FUNCTIONS[stage](recipe, output, progress, restart)
+        numbers = STAGE_FUNCTIONS[stage](recipe, output, progress, restart, command)
         result.numbers.update(numbers or {})
         if stage == "convert":
             _record_recipe(output, recipe, command)
@@ -133,7 +135,7 @@ def run(
     return result
 
 
-def _convert(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dict:
+def _convert(recipe: Recipe, output: Path, progress: bool, restart: bool, command: str) -> dict:
     from .convert import convert
 
     result = convert(
@@ -145,15 +147,14 @@ def _convert(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dic
     return {"parameters_added": result.parameters_added}
 
 
-def _distill(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dict:
-    from .data import Columns
-    from .distill import CHECKPOINT_DIR, distill
+def _distill(recipe: Recipe, output: Path, progress: bool, restart: bool, command: str) -> dict:
+    from .distill import distill
 
     section = recipe.distill
-    columns = Columns(**section.columns.model_dump()) if section.columns else Columns()
     result = distill(
         output, section.data, settings=section.settings(), resume=(output / CHECKPOINT_DIR).exists(),
-        columns=columns, revision=section.data_revision, progress=progress, record_command=False,
+        columns=section.columns, revision=section.data_revision, progress=progress, record_command=False,
+        continue_with=f"the same command ({command})",
     )
     after = result.report.get("after", {})
     numbers = {"distill_seconds": round(result.seconds, 1), "hidden_cosine_vision": after.get("cosine_vision")}
@@ -162,32 +163,28 @@ def _distill(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dic
     return numbers
 
 
-def _eval(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dict:
-    from .evaluate import evaluate
+def _eval(recipe: Recipe, output: Path, progress: bool, restart: bool, command: str) -> dict:
+    from .evaluate import evaluate, write_report
 
     section = recipe.eval
-    columns = section.columns.model_dump() if section.columns else {}
     result = evaluate(
         output, section.data, split=section.split, limit=section.limit, batch_size=section.batch_size,
-        against_original=section.against_original, progress=progress,
-        **({"image_column": columns["image"], "question_column": columns["prompt"],
-            "answer_column": columns["answer"]} if columns else {}),
+        against_original=section.against_original, columns=section.columns, revision=section.data_revision,
+        progress=progress,
     )
-    tmp = output / f".{EVAL_REPORT}.tmp"
-    tmp.write_text(result.to_json())
-    os.replace(tmp, output / EVAL_REPORT)
+    write_report(output, result)
     numbers = {"accuracy": round(result.accuracy, 4)}
     if result.agreement is not None:
         numbers.update(original_accuracy=round(result.other_accuracy, 4), answer_agreement=round(result.agreement, 4))
     return numbers
 
 
-def _bench(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dict:
+def _bench(recipe: Recipe, output: Path, progress: bool, restart: bool, command: str) -> dict:
     from .bench import run_bench
 
     section = recipe.bench
     report, _ = run_bench(
-        output, device=section.device, dtype=section.dtype, batch_sizes=tuple(section.batch_sizes),
+        output, device=section.device, dtype=section.dtype, attn=section.attn, batch_sizes=tuple(section.batch_sizes),
         images=tuple(section.images), text_tokens=section.text_tokens, repeats=section.repeats,
         warmup=section.warmup, compile=section.compile, cuda_graph=section.cuda_graph,
     )
@@ -195,7 +192,7 @@ def _bench(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dict:
     return {"prefill_speedup": round(1 / case.lm_prefill_ratio, 3), "flops_ratio": case.flops_ratio}
 
 
-def _push(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dict:
+def _push(recipe: Recipe, output: Path, progress: bool, restart: bool, command: str) -> dict:
     from .push import push
 
     section = recipe.push
@@ -204,6 +201,6 @@ def _push(recipe: Recipe, output: Path, progress: bool, restart: bool) -> dict:
     return {"repo_url": result.repo_url, "commit": result.revision}
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[Recipe, Path, bool, bool], dict]] = {
+STAGE_FUNCTIONS: dict[str, Callable[[Recipe, Path, bool, bool, str], dict]] = {
     "convert": _convert, "distill": _distill, "eval": _eval, "bench": _bench, "push": _push,
 }

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ProxyVError
+from .families import FAMILIES
+from .model_folder import CARD_FILE  # a source's card is read for its licence, never copied
 from .safetensors_stream import INDEX_FILE
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 # Files the converted model needs beside its weights, copied unchanged (globs, relative to the checkpoint folder).
 PROCESSOR_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
@@ -25,7 +26,6 @@ PROCESSOR_PATTERNS = (
     "chat_template.json", "chat_template.jinja", "additional_chat_templates/*.jinja", "generation_config.json",
 )  # fmt: skip
 WEIGHT_PATTERNS = ("*.safetensors", INDEX_FILE)
-CARD_FILE = "README.md"  # read for its licence metadata, never copied (the converted model gets its own card)
 LICENSE_KEYS = ("license", "license_name", "license_link")
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def resolve_source(source: str, *, revision: str | None = None, trust_remote_cod
     """A local folder as is; anything else that is a valid Hub id is fetched, without its weights (see
     `fetch_weights`), so that a bad config or option is caught before gigabytes are downloaded. `builtin:NAME` is a
     model that ships with proxyv."""
-    from .recipes import resolve_model_source
+    from .config import resolve_model_source
 
     source = resolve_model_source(source)
     path = Path(source).expanduser()
@@ -93,6 +93,11 @@ def suggest_hub_id(repo_id: str) -> str | None:
     return None
 
 
+def _did_you_mean(repo_id: str) -> str:
+    suggestion = suggest_hub_id(repo_id)
+    return f"; did you mean '{suggestion}'?" if suggestion else ""
+
+
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -113,15 +118,15 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
             "HF_TOKEN"
         ) from None
     except RepositoryNotFoundError:
-        suggestion = suggest_hub_id(repo_id)
-        hint = f"; did you mean '{suggestion}'?" if suggestion else " (if it is private, log in or set HF_TOKEN)"
+        hint = _did_you_mean(repo_id) or " (if it is private, log in or set HF_TOKEN)"
         raise ProxyVError(f"model '{repo_id}' was not found on the Hub and is not a local folder{hint}") from None
     except RevisionNotFoundError:
         raise ProxyVError(f"revision '{revision}' of model '{repo_id}' was not found on the Hub") from None
     except LocalEntryNotFoundError:
         raise ProxyVError(
             f"could not reach the Hub to download '{repo_id}', and it is not in the local cache; check the connection "
-            "(and HF_HUB_OFFLINE / HF_ENDPOINT), or pass a local folder: proxyv convert ./path/to/model ..."
+            f"(and HF_HUB_OFFLINE / HF_ENDPOINT), or pass a local folder: proxyv convert ./path/to/model ..."
+            f"{_did_you_mean(repo_id)}"
         ) from None
     except HfHubHTTPError as e:
         raise ProxyVError(f"the Hub refused to download '{repo_id}': {str(e).splitlines()[0]}") from None
@@ -131,7 +136,7 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
 def read_llava_config(source: Source, *, trust_remote_code: bool = False) -> LlavaConfig:
     """The source's LlavaConfig or LlavaNextConfig; refuses other model types and, without trust_remote_code, configs
     with custom code."""
-    from transformers import AutoConfig, LlavaConfig, LlavaNextConfig
+    from transformers import AutoConfig
 
     config_path = source.path / "config.json"
     if not config_path.is_file():
@@ -141,7 +146,7 @@ def read_llava_config(source: Source, *, trust_remote_code: bool = False) -> Lla
     except ValueError as e:
         raise ProxyVError(f"{config_path} is not valid JSON ({e})") from None
     model_type = raw.get("model_type")
-    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    supported = ", ".join(FAMILIES)
     if str(model_type).startswith("proxyv_"):
         raise ProxyVError(f"{source.name} is already a ProxyV model; convert the LLaVA checkpoint it came from")
     if "AutoConfig" in raw.get("auto_map", {}) and not trust_remote_code:
@@ -149,10 +154,10 @@ def read_llava_config(source: Source, *, trust_remote_code: bool = False) -> Lla
             f"{source.name} needs custom code to read its config ({raw['auto_map']['AutoConfig']}); pass "
             "--trust-remote-code if you trust it"
         )
-    if model_type not in SUPPORTED_MODEL_TYPES and "auto_map" not in raw:
+    if model_type not in FAMILIES and "auto_map" not in raw:
         raise ProxyVError(f"{source.name} is a '{model_type}' checkpoint; proxyv converts model types: {supported}")
     config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    if not isinstance(config, (LlavaConfig, LlavaNextConfig)):
+    if config.model_type not in FAMILIES:
         raise ProxyVError(
             f"{source.name} has a {type(config).__name__} config; proxyv converts model types: {supported}"
         )

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_output
+from .atomic import atomic_output, write_text
 from .errors import ProxyVError
+from .model_folder import CHECKPOINT_DIR, EVAL_REPORT, MEASURED_FILES, PROXYV_PREFIX
 from .safetensors_stream import OutputTensor, copy_bytes, read_checkpoint, write_shard
 
-PROXYV_PREFIX = "model.proxyv."
-TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-SKIP_ON_COPY = (".distill",)
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SKIP_ON_COPY = (CHECKPOINT_DIR, *MEASURED_FILES)  # a copy with new ProxyV weights is another model
 
 
 def _tensor_writer(tensor: torch.Tensor):
@@ -58,9 +58,7 @@ def _replace_in_folder(folder: Path, params: dict[str, torch.Tensor]) -> None:
 
 def _write_files(folder: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
+        write_text(folder / name, text)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -81,11 +79,13 @@ def write_proxyv_weights(
     folder: Path, params: dict[str, torch.Tensor], *, out: Path | None = None, files: dict[str, str] | None = None
 ) -> Path:
     """Store `params` (full names `model.proxyv.*`) as the ProxyV tensors of `folder`, in their stored dtypes, plus
-    text `files`; with `out`, into a new folder `out` (a copy of `folder`) instead, created atomically."""
+    text `files`; with `out`, into a new folder `out` (a copy of `folder`) instead, created atomically. The evaluation
+    report of the old weights is removed (in place) or not copied (with `out`)."""
     files = files or {}
     if out is None:
         _replace_in_folder(folder, params)
         _write_files(folder, files)
+        (folder / EVAL_REPORT).unlink(missing_ok=True)
         return folder
     with atomic_output(out, overwrite=False) as tmp:
         _link_or_copy(folder, tmp)

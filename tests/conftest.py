@@ -4,21 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from proxyv_convert.threads import usable_cores  # imports no torch: the thread settings below come first
+
 # Before anything imports huggingface_hub: no telemetry calls to huggingface.co from tests.
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-
-
-def usable_cores() -> int:
-    """The cores this process may run on, within the CPU quota of its cgroup (a container's quota can be below the
-    cores it sees)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cores
 
 
 # A parallel run (pytest-xdist, `-n auto`: one worker per usable core) shares the cores among its workers: each

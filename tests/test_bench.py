@@ -11,8 +11,9 @@ import torch
 from test_modeling import convert_in_memory
 from tiny_models import save_tiny_llava, tiny_llava
 
-from proxyv_convert.bench import REPORT, bench, count_flops, peak_memory_mb, synthetic_inputs
+from proxyv_convert.bench import bench, count_flops, peak_memory_mb, synthetic_inputs
 from proxyv_convert.convert import convert
+from proxyv_convert.model_folder import BENCH_REPORT as REPORT
 
 
 def layer_flops(config, rows: int, queries: int, proxies: int = 0, vision: int = 0) -> int:
@@ -126,7 +127,8 @@ def test_llava_next_and_learned_models_are_benchmarked():
     from test_llava_next import converted as next_converted
     from tiny_models import tiny_llava_next
 
-    from proxyv_convert.modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration
+    from proxyv_convert.remote.configuration_proxyv import ProxyVLlavaConfig
+    from proxyv_convert.remote.modeling_proxyv import ProxyVLlavaForConditionalGeneration
 
     next_model = next_converted(tiny_llava_next(seed=4))
     case = bench(next_model, repeats=1, warmup=0, decode_tokens=2, whole_model=False, memory=False).cases[0]
@@ -211,7 +213,8 @@ def test_a_plan_copied_into_another_computes_the_new_prompt(proxy):
     else:
         from test_learned_proxies import learned_model
 
-        from proxyv_convert.modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration
+        from proxyv_convert.remote.configuration_proxyv import ProxyVLlavaConfig
+        from proxyv_convert.remote.modeling_proxyv import ProxyVLlavaForConditionalGeneration
 
         model = learned_model(tiny_llava(seed=1), ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration)
     first = synthetic_inputs(model, batch=2, images=1, text_tokens=16)

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from proxyv_convert.card import model_card, pinned_revision, transformers_requirement
 from proxyv_convert.cli import app
+from proxyv_convert.config import read_recipe
 from proxyv_convert.convert import convert
 from proxyv_convert.errors import ProxyVError
-from proxyv_convert.recipe import read_recipe
 
 PLACEHOLDERS = re.compile(r"<[A-Za-z][^>]*>|TODO|TBD|More Information Needed|\[More|\{\{|\}\}|None\b|nan\b", re.I)
 SHA = "0123456789abcdef0123456789abcdef01234567"

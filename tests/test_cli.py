@@ -218,16 +218,15 @@ def test_convert_and_bench_run_where_datasets_cannot_be_imported(source, tmp_pat
 
 
 def test_distill_option_defaults_are_the_library_defaults():
-    import dataclasses
 
     import typer
 
-    from proxyv_convert.distill import DistillSettings
+    from proxyv_convert.config import DistillSettings
 
     command = typer.main.get_command(app).commands["distill"]
     defaults = {param.name: param.default for param in command.params}
-    for field in dataclasses.fields(DistillSettings):
-        assert defaults[field.name] == getattr(DistillSettings(), field.name), field.name
+    for name in DistillSettings.model_fields:
+        assert defaults[name] == getattr(DistillSettings(), name), name
 
 
 def test_builtin_model_names_work_where_a_model_folder_does(tmp_path):

@@ -17,10 +17,12 @@ from transformers import AutoProcessor, LlamaConfig, LlavaForConditionalGenerati
 
 from proxyv_convert import convert as convert_module
 from proxyv_convert import safetensors_stream
+from proxyv_convert.config import read_recipe
 from proxyv_convert.convert import convert
 from proxyv_convert.errors import ProxyVError
-from proxyv_convert.modeling import AUTO_MAP, ProxyVModules, canonical_code, load_model
-from proxyv_convert.recipe import read_recipe
+from proxyv_convert.families import FAMILIES
+from proxyv_convert.model_folder import canonical_code, load_model
+from proxyv_convert.remote.modeling_proxyv import ProxyVModules
 
 PROXYV = "model.proxyv."
 
@@ -126,7 +128,7 @@ def test_output_folder_files(tiny, tmp_path):
     out = tmp_path / "m"
 
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"] == AUTO_MAP
+    assert config["auto_map"] == FAMILIES["llava"].auto_map()
     assert config["architectures"] == ["ProxyVLlavaForConditionalGeneration"]
     assert config["model_type"] == "proxyv_llava"
     assert (config["proxyv_start_layer"], config["proxyv_reduce_factor"]) == (2, 6)

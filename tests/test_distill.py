@@ -18,9 +18,11 @@ from PIL import Image
 from tiny_models import save_tiny_llava
 
 from proxyv_convert import distill as distill_module
+from proxyv_convert.config import DistillSettings
 from proxyv_convert.convert import convert
-from proxyv_convert.distill import CHECKPOINT_DIR, DistillSettings, distill, step_indices
+from proxyv_convert.distill import distill, step_indices
 from proxyv_convert.errors import ProxyVError
+from proxyv_convert.model_folder import CHECKPOINT_DIR
 from proxyv_convert.safetensors_stream import read_checkpoint
 
 QUESTIONS = ["what is the colour of the circle", "how many red square", "is the blue circle left of the square"]

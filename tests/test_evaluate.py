@@ -5,9 +5,12 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from proxyv_convert.config import Columns
 from proxyv_convert.errors import ProxyVError
 from proxyv_convert.evaluate import evaluate, normalise
-from proxyv_convert.modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration, canonical_code
+from proxyv_convert.model_folder import canonical_code
+from proxyv_convert.remote.configuration_proxyv import ProxyVLlavaConfig
+from proxyv_convert.remote.modeling_proxyv import ProxyVLlavaForConditionalGeneration
 from proxyv_convert.shapes import MODEL_DIR, build_split
 
 N = 30  # 10 examples of each kind
@@ -72,21 +75,21 @@ def test_saved_dataset_folders_and_column_names(tmp_path, teacher, processor):
     builtin = evaluate(teacher, "shapes", limit=N, processor=processor, progress=False)
     from_dict = evaluate(teacher, tmp_path / "dict", processor=processor, progress=False)
     from_renamed = evaluate(teacher, str(tmp_path / "renamed"), processor=processor, progress=False,
-                            image_column="picture", question_column="prompt", answer_column="label")
+                            columns=Columns(image="picture", prompt="prompt", answer="label"))
     assert builtin.predictions == from_dict.predictions == from_renamed.predictions
     assert from_renamed.per_kind  # the "kind" column is still there
 
 
 def test_bad_data_gives_a_clear_error(tmp_path, teacher, processor):
-    with pytest.raises(ProxyVError, match="neither a built-in task"):
+    with pytest.raises(ProxyVError, match="does not exist"):
         evaluate(teacher, tmp_path / "missing", processor=processor)
     (tmp_path / "empty_folder").mkdir()
     with pytest.raises(ProxyVError, match="save_to_disk"):
         evaluate(teacher, tmp_path / "empty_folder", processor=processor)
     split = build_split("test", 3)
     with pytest.raises(ProxyVError, match="no column 'label'"):
-        evaluate(teacher, split, processor=processor, answer_column="label")
-    with pytest.raises(ProxyVError, match="no split 'test'"):
+        evaluate(teacher, split, processor=processor, columns=Columns(answer="label"))
+    with pytest.raises(ProxyVError, match="no 'test' split"):
         evaluate(teacher, datasets.DatasetDict({"train": split}), processor=processor)
     with pytest.raises(ProxyVError, match="empty"):
         evaluate(teacher, split.select([]), processor=processor)

@@ -12,12 +12,11 @@ from test_modeling import PROMPTS, pixel_values_for
 from tiny_models import save_tiny_llava, tiny_llava, tiny_llava_config, tiny_llava_next, tiny_next_processor
 
 from proxyv_convert.convert import convert
-from proxyv_convert.modeling import (
-    ProxyVLlavaConfig,
+from proxyv_convert.model_folder import load_model
+from proxyv_convert.remote.configuration_proxyv import ProxyVLlavaConfig, ProxyVLlavaNextConfig
+from proxyv_convert.remote.modeling_proxyv import (
     ProxyVLlavaForConditionalGeneration,
-    ProxyVLlavaNextConfig,
     ProxyVLlavaNextForConditionalGeneration,
-    load_model,
 )
 
 

@@ -10,7 +10,9 @@ from proxyv_reference import reference_logits
 from tiny_models import save_tiny_llava_next, tiny_llava_next, tiny_next_processor
 
 from proxyv_convert.convert import convert
-from proxyv_convert.modeling import ProxyVLlavaNextConfig, ProxyVLlavaNextForConditionalGeneration, load_model
+from proxyv_convert.model_folder import load_model
+from proxyv_convert.remote.configuration_proxyv import ProxyVLlavaNextConfig
+from proxyv_convert.remote.modeling_proxyv import ProxyVLlavaNextForConditionalGeneration
 
 SIZES = {"wide": (40, 70), "tall": (90, 30), "square": (64, 64), "small": (20, 20)}  # (height, width)
 

@@ -28,7 +28,7 @@ from proxyv_convert.card import pinned_revision
 from proxyv_convert.cli import app
 from proxyv_convert.convert import convert
 from proxyv_convert.errors import ProxyVError
-from proxyv_convert.modeling import load_model
+from proxyv_convert.model_folder import load_model
 from proxyv_convert.push import push
 from proxyv_convert.weights import write_proxyv_weights
 

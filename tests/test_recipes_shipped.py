@@ -2,7 +2,7 @@
 
 from test_run import cli
 
-from proxyv_convert.recipes import load_recipe, shipped_recipes
+from proxyv_convert.config import load_recipe, shipped_recipes
 
 
 def test_every_shipped_recipe_validates():

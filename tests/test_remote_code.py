@@ -17,7 +17,7 @@ from tiny_models import save_tiny_llava, save_tiny_llava_next
 from transformers import AutoProcessor
 
 from proxyv_convert.convert import convert
-from proxyv_convert.modeling import canonical_code, load_model
+from proxyv_convert.model_folder import canonical_code, load_model
 
 USER_SCRIPT = textwrap.dedent(
     """

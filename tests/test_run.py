@@ -13,10 +13,10 @@ from test_distill import save_vqa
 from tiny_models import save_tiny_llava
 
 from proxyv_convert import run as run_module
+from proxyv_convert.config import check_against_model, load_recipe, read_recipe
 from proxyv_convert.errors import ProxyVError
-from proxyv_convert.recipe import read_recipe
-from proxyv_convert.recipes import check_against_model, load_recipe
-from proxyv_convert.run import STATE_FILE, run
+from proxyv_convert.model_folder import RUN_STATE as STATE_FILE
+from proxyv_convert.run import run
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -155,18 +155,25 @@ class ProxyVVisionMLP(nn.Module):
             return vision + self.out(F.silu(own + ctx))  # (B, V, H)
         # Eager, the bias joins the proxies' side (spreading copies it unchanged), and the two additions are the
         # matrix products' own (addmm): two kernels fewer. Where no gradient is needed, the products add into the
-        # tensors they update (addmm would first copy them).
+        # tensors they update (addmm would first copy them). Autocast casts no in-place product, and in addmm it would
+        # round the residual stream itself: under it the residual is added apart, in its own dtype, as the decoder
+        # layers add theirs.
         ctx = context(F.linear(self.proj_proxy(self.norm_proxy(proxies)), w_ctx, self.fuse.bias))  # (B, V, I)
         own = self.proj_vision(self.norm_vision(vision)).reshape(-1, width)  # (B*V, I)
         rows = vision.reshape(-1, vision.shape[-1])  # (B*V, H)
-        if not torch.is_grad_enabled():
+        autocast = torch.is_autocast_enabled(vision.device.type)
+        if not torch.is_grad_enabled() and not autocast:
             fused = F.silu(ctx.view(-1, width).addmm_(own, w_own.t()), inplace=True)  # (B*V, I)
             if overwrite:
                 rows.addmm_(fused, self.out.weight.t())
                 return vision
         else:
             fused = F.silu(torch.addmm(ctx.reshape(-1, width), own, w_own.t()))
-        return torch.addmm(rows, fused, self.out.weight.t()).view(vision.shape)
+        if autocast:
+            updated = (rows + F.linear(fused, self.out.weight)).view(vision.shape)  # (B, V, H)
+        else:
+            updated = torch.addmm(rows, fused, self.out.weight.t()).view(vision.shape)  # (B, V, H)
+        return vision.copy_(updated) if overwrite else updated
 
 
 class ProxyVLearnedProxies(nn.Module):

@@ -207,7 +207,8 @@ def answer_accuracy(model, processor: LlavaProcessor, split: str, n: int, *, noi
 
 def converted(model: LlavaForConditionalGeneration, start_layer: int | None = None, reduce_factor: int = 4):
     """The undistilled ProxyV conversion of `model` (VisionMLPs at zero) at `start_layer` (default: the middle)."""
-    from ..modeling import ProxyVLlavaConfig, ProxyVLlavaForConditionalGeneration
+    from ..remote.configuration_proxyv import ProxyVLlavaConfig
+    from ..remote.modeling_proxyv import ProxyVLlavaForConditionalGeneration
 
     config = ProxyVLlavaConfig.from_llava_config(model.config, proxyv_start_layer=start_layer,
                                                  proxyv_reduce_factor=reduce_factor)

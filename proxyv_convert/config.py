@@ -1,4 +1,6 @@
-"""Recipe files: one YAML that holds a whole run (`proxyv run RECIPE`), validated before anything runs.
+"""Configuration: the recipe schema, whose defaults are the only defaults, and the recipe files that use it.
+
+A recipe is one YAML file that holds a whole run (`proxyv run RECIPE`), validated before anything runs:
 
     # proxyv run recipes/llava-1.5-7b.yaml
     output: ./llava-1.5-7b-proxyv-l12
@@ -9,13 +11,15 @@
     bench: {batch_sizes: [1, 8]}
     push: {repo_id: me/llava-1.5-7b-proxyv-l12}
 
-Unknown keys are errors; `key.sub=value` overrides (values parsed as YAML) apply before validation. The model folder's
-`recipe.yaml` (written by the stages as they run) has the same sections plus `provenance`, so it validates too.
+The command-line options take their defaults from these sections too, so a flag, a recipe key and the `recipe.yaml`
+that every model folder holds (the same sections plus `provenance`, written by the stages as they run) always agree.
+Unknown keys are errors; `key.sub=value` overrides (values parsed as YAML) apply before validation.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import datetime
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -23,11 +27,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .distill import DistillSettings
+from . import __version__
 from .errors import ProxyVError
 
 BUILTIN_PREFIX = "builtin:"
 STAGES = ("convert", "distill", "eval", "bench", "push")
+RECIPE_FILE = "recipe.yaml"
+SECTIONS = ("model", "proxyv", "distill", "eval", "bench", "push", "provenance")
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -53,51 +59,57 @@ class ProxyVSection(Section):
     learned_proxies: int | None = Field(default=None, ge=1)
 
 
-class ColumnsSection(Section):
+class Columns(Section):
+    """Column names of a dataset; `prompt`/`answer` of None are detected from common names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     image: str = "image"
     prompt: str | None = None
     answer: str | None = None
 
 
-_DISTILL_DEFAULTS = DistillSettings()
+class DistillSettings(Section):
+    """How `proxyv distill` trains (everything but the data)."""
+
+    steps: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    max_length: int = Field(default=2048, ge=1)
+    hidden_loss: Literal["relative", "mse", "cosine"] = "relative"
+    vision_weight: float = Field(default=1.0, ge=0)
+    text_weight: float = Field(default=1.0, ge=0)
+    kl_weight: float = Field(default=1.0, ge=0)
+    checkpoint_every: int = Field(default=50, ge=1)
+    gradient_accumulation: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    train_split: str = "train"
+    eval_split: str = "validation"
+    eval_examples: int = Field(default=200, ge=1)
 
 
-class DistillSection(Section):
+class DistillSection(DistillSettings):
     data: str
     data_revision: str | None = None
-    columns: ColumnsSection | None = None
-    steps: int = Field(default=_DISTILL_DEFAULTS.steps, ge=1)
-    batch_size: int = Field(default=_DISTILL_DEFAULTS.batch_size, ge=1)
-    lr: float = Field(default=_DISTILL_DEFAULTS.lr, gt=0)
-    weight_decay: float = Field(default=_DISTILL_DEFAULTS.weight_decay, ge=0)
-    warmup_steps: int = Field(default=_DISTILL_DEFAULTS.warmup_steps, ge=0)
-    max_grad_norm: float = Field(default=_DISTILL_DEFAULTS.max_grad_norm, gt=0)
-    max_length: int = Field(default=_DISTILL_DEFAULTS.max_length, ge=1)
-    hidden_loss: Literal["relative", "mse", "cosine"] = _DISTILL_DEFAULTS.hidden_loss
-    vision_weight: float = Field(default=_DISTILL_DEFAULTS.vision_weight, ge=0)
-    text_weight: float = Field(default=_DISTILL_DEFAULTS.text_weight, ge=0)
-    kl_weight: float = Field(default=_DISTILL_DEFAULTS.kl_weight, ge=0)
-    checkpoint_every: int = Field(default=_DISTILL_DEFAULTS.checkpoint_every, ge=1)
-    gradient_accumulation: int = Field(default=_DISTILL_DEFAULTS.gradient_accumulation, ge=1)
-    gradient_checkpointing: bool = _DISTILL_DEFAULTS.gradient_checkpointing
-    mixed_precision: Literal["no", "bf16", "fp16"] = _DISTILL_DEFAULTS.mixed_precision
-    seed: int = _DISTILL_DEFAULTS.seed
-    train_split: str = _DISTILL_DEFAULTS.train_split
-    eval_split: str = _DISTILL_DEFAULTS.eval_split
-    eval_examples: int = Field(default=_DISTILL_DEFAULTS.eval_examples, ge=1)
+    columns: Columns = Columns()
 
     def settings(self) -> DistillSettings:
-        names = {f.name for f in dataclasses.fields(DistillSettings)}
-        return DistillSettings(**{k: v for k, v in self.model_dump().items() if k in names})
+        return DistillSettings(**self.model_dump(include=set(DistillSettings.model_fields)))
 
 
 class EvalSection(Section):
     data: str = "shapes"
+    data_revision: str | None = None
     split: str = "test"
     limit: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=50, ge=1)
-    against_original: bool = True
-    columns: ColumnsSection | None = None
+    against_original: bool = False
+    columns: Columns = Columns()
 
 
 class BenchSection(Section):
@@ -110,6 +122,7 @@ class BenchSection(Section):
     cuda_graph: bool = False
     device: str | None = None
     dtype: Dtype = "auto"
+    attn: Literal["sdpa", "eager"] = "sdpa"
 
 
 class PushSection(Section):
@@ -134,7 +147,23 @@ class Recipe(Section):
         return ["convert", *(s for s in STAGES[1:] if getattr(self, s) is not None)]
 
 
-# --- loading --------------------------------------------------------------------------------------------------------
+def default(section: type[Section], name: str) -> Any:
+    """The default of a section's field: what a command-line option defaults to."""
+    value = section.model_fields[name].get_default(call_default_factory=True)
+    return list(value) if isinstance(value, list) else value
+
+
+def build(section: type[Section], values: dict[str, Any]) -> Section:
+    """A section from command-line values; a bad value is a ProxyVError that names its option."""
+    try:
+        return section(**values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "an option"
+        raise ProxyVError(f"{option}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+# --- recipe files ---------------------------------------------------------------------------------------------------
 
 
 def builtin_models() -> dict[str, Path]:
@@ -227,7 +256,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 def check_against_model(recipe: Recipe, origin: str) -> str:
     """Check the start layer and reduce factor against the model's configuration when it can be read (a local or
     built-in folder, or the Hub); returns what was checked, for the user."""
-    from .modeling import FAMILIES
+    from .families import FAMILIES
 
     config_file = _source_config(recipe.model)
     if config_file is None:
@@ -239,7 +268,7 @@ def check_against_model(recipe: Recipe, origin: str) -> str:
         raise ProxyVError(f"{origin}: model.source is a '{llava.model_type}' model; proxyv converts "
                           f"{', '.join(FAMILIES)}")
     try:
-        FAMILIES[llava.model_type][0].from_llava_config(
+        FAMILIES[llava.model_type].config.from_llava_config(
             llava, proxyv_start_layer=recipe.proxyv.start_layer, proxyv_reduce_factor=recipe.proxyv.reduce_factor,
             proxyv_proxy=recipe.proxyv.proxy, proxyv_learned_proxies=recipe.proxyv.learned_proxies,
         )
@@ -266,3 +295,51 @@ def _source_config(model: ModelSection) -> Path | None:
 def dump(recipe: Recipe) -> str:
     """The recipe as YAML (unset optional sections left out)."""
     return yaml.safe_dump(json.loads(recipe.model_dump_json(exclude_none=True)), sort_keys=False)
+
+
+# --- the recipe.yaml of a model folder ------------------------------------------------------------------------------
+# `convert` writes `model`, `proxyv` and `provenance`; later steps (distill, eval, bench, push) add their own section
+# and their command, and write it back. Sections are always written in `SECTIONS` order, so the file reads like the
+# pipeline, and a header comment gives the exact commands that produced it.
+
+
+def provenance() -> dict[str, str]:
+    """Versions and time of the current run."""
+    import torch
+    import transformers
+
+    return {
+        "proxyv_version": __version__,
+        "transformers_version": str(transformers.__version__),
+        "torch_version": str(torch.__version__),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def dump_recipe(sections: dict[str, dict[str, Any]], commands: list[str]) -> str:
+    """YAML text of a recipe: one header comment line per command, then the sections in pipeline order."""
+    unknown = set(sections) - set(SECTIONS)
+    assert not unknown, f"unknown recipe sections {sorted(unknown)}; known: {SECTIONS}"
+    header = "".join(f"# {command}\n" for command in commands)
+    ordered = {name: sections[name] for name in SECTIONS if name in sections}
+    return header + yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False)
+
+
+def write_recipe(folder: Path, sections: dict[str, dict[str, Any]], commands: list[str]) -> Path:
+    path = Path(folder) / RECIPE_FILE
+    path.write_text(dump_recipe(sections, commands))
+    return path
+
+
+def read_recipe(folder: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """(sections, header commands) of a model folder's recipe."""
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        raise ProxyVError(f"{folder} has no {RECIPE_FILE}; is it a folder written by `proxyv convert`?")
+    text = path.read_text()
+    try:
+        sections = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ProxyVError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    commands = [line[2:] for line in itertools.takewhile(lambda line: line.startswith("# "), text.splitlines())]
+    return sections, commands
