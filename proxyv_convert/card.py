@@ -135,10 +135,10 @@ def transformers_requirement() -> str | None:
 
 def distill_command(report: dict[str, Any]) -> str:
     """The `proxyv distill` command of a report (for folders distilled before distill recorded its command)."""
-    from .distill import DistillSettings
+    from .config import DistillSettings
     from .distill import distill_command as command
 
-    known = {f.name for f in dataclasses.fields(DistillSettings)}
+    known = DistillSettings.model_fields
     settings = DistillSettings(**{k: v for k, v in report.get("settings", {}).items() if k in known})
     return command(str(report.get("model", ".")), str(report.get("data")), settings)
 

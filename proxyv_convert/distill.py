@@ -98,7 +98,8 @@ def kl_logits(model, student, teacher, batch: Batch) -> tuple[torch.Tensor, torc
     """float32 next-token logits of the student and the teacher at the `kl_positions` of the batch, (N, vocab)."""
     positions = kl_positions(batch)
     head = model.get_output_embeddings()
-    return head(student.hidden_states[-1][positions]).float(), head(teacher.hidden_states[-1][positions]).float()
+    # the states may come out of autocast in another dtype than the head's (float32 ProxyV weights on a bf16 model)
+    return tuple(head(out.hidden_states[-1][positions].to(head.weight.dtype)).float() for out in (student, teacher))
 
 
 def distill_losses(model, student, teacher, batch: Batch, settings: DistillSettings) -> dict[str, torch.Tensor]:
@@ -239,8 +240,9 @@ def agreement(model, batcher: Batcher, indices: list[int], batch_size: int, acce
     return result
 
 
-def task_agreement(model, data: ImageTextData, indices: list[int], processor, batch_size: int) -> dict:
-    """Greedy answers with ProxyV on (student) and off (teacher): accuracy of each and how often they agree."""
+def task_agreement(model, data: ImageTextData, indices: list[int], processor, batch_size: int, accelerator) -> dict:
+    """Greedy answers with ProxyV on (student) and off (teacher): accuracy of each and how often they agree (in the
+    training's precision: float32 ProxyV weights on a low-precision model need its autocast)."""
     from .evaluate import generate_answers, normalise
 
     core = unwrap(model)
@@ -253,9 +255,10 @@ def task_agreement(model, data: ImageTextData, indices: list[int], processor, ba
             continue
         images, prompts = [e[0] for e in examples], [e[1] for e in examples]
         answers += [e[2] for e in examples]
-        student += generate_answers(core, processor, images, prompts, max_new_tokens=16)
-        with core.proxyv_disabled():
-            teacher += generate_answers(core, processor, images, prompts, max_new_tokens=16)
+        with accelerator.autocast():
+            student += generate_answers(core, processor, images, prompts, max_new_tokens=16)
+            with core.proxyv_disabled():
+                teacher += generate_answers(core, processor, images, prompts, max_new_tokens=16)
     core.train()
     def rate(first: list[str], second: list[str]) -> float:
         same = sum(normalise(x) == normalise(y) for x, y in zip(first, second, strict=True))
@@ -446,7 +449,8 @@ def distill(
                  "seconds": 0.0, "before": agreement(model, eval_batcher, eval_indices, settings.batch_size,
                                                      accelerator)}
         if evaluation.answer:
-            state["before"]["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size)
+            state["before"]["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size,
+                                                     accelerator)
 
     per_process = settings.batch_size * settings.gradient_accumulation
     global_batch = per_process * accelerator.num_processes
@@ -495,7 +499,7 @@ def distill(
     seconds = time.perf_counter() - started
     after = agreement(model, eval_batcher, eval_indices, settings.batch_size, accelerator)
     if evaluation.answer:
-        after["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size)
+        after["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size, accelerator)
     report = {
         "model": str(model_dir), "data": str(data), "held_out_split": held_split, "settings": settings.model_dump(),
         "columns": columns.model_dump(),

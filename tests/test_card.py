@@ -151,6 +151,21 @@ def test_card_shows_the_distillation_report(folder):
     assert not PLACEHOLDERS.search(card), PLACEHOLDERS.search(card)
 
 
+def test_card_shows_the_evaluation_report(folder):
+    report = {"accuracy": 0.75, "n": 4, "seconds": 1.0, "data": "merve/vqav2-small", "split": "validation[-500:]",
+              "skipped_images": 1, "agreement": 0.5, "other": "original", "other_accuracy": 1.0, "examples": []}
+    (folder / "eval_report.json").write_text(json.dumps(report))
+
+    evaluation = model_card(folder).split("## Evaluation\n")[1].split("\n## ")[0]
+    assert "on 4 examples of `merve/vqav2-small` (split `validation[-500:]`)" in evaluation
+    assert "1 example(s) whose image did not decode were skipped" in evaluation
+    for row in ("| Exact-match accuracy, ProxyV | 75.0% |",
+                "| Exact-match accuracy, original model (ProxyV off) | 100.0% |",
+                "| Answers identical to it | 50.0% |"):
+        assert row in evaluation, row
+    assert not PLACEHOLDERS.search(evaluation), PLACEHOLDERS.search(evaluation)
+
+
 def test_card_shows_the_benchmark_report(folder):
     (folder / "bench_report.json").write_text(json.dumps(BENCH_REPORT))
 

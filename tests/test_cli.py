@@ -242,3 +242,47 @@ def test_builtin_model_names_work_where_a_model_folder_does(tmp_path):
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "unknown built-in model 'nope'; built-in models: llava-shapes" in result.stderr
     assert not (tmp_path / "n").exists()
+
+
+def test_every_help_example_parses():
+    """Each command's `Example:` lines parse as that command's arguments (nothing is run)."""
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    examples = 0
+    for name, command in commands.items():
+        for example in (command.epilog or "").replace("Examples:", "Example:").split("Example:")[1:]:
+            for line in filter(None, (part.strip() for part in example.split("    "))):
+                words = line.split()
+                assert words[:2] == ["proxyv", name], line
+                command.make_context(name, words[2:])  # a rejected option raises click's UsageError
+                examples += 1
+    assert examples >= len(commands) - 1
+
+
+def test_an_offline_hub_id_without_the_hf_suffix_gets_the_suggestion(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run_python("convert", "llava-hf/llava-1.5-7b", "--layer", "12", "--out", tmp_path / "m", env=env)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "could not reach the Hub" in result.stderr and "did you mean 'llava-hf/llava-1.5-7b-hf'?" in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_threads_option_and_the_busy_machine_hint(monkeypatch):
+    import torch
+
+    from proxyv_convert import threads
+
+    assert threads.busy_hint(threads=2, cores=2, load=0.3) is None
+    hint = threads.busy_hint(threads=2, cores=2, load=1.2)
+    assert hint and "--threads 1" in hint and "load average 1.2 on 2 cores" in hint
+    assert threads.busy_hint(threads=1, cores=2, load=3.0) is None, "one thread never waits on another"
+    messages = []
+    monkeypatch.setattr(threads, "_chosen", False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    threads.warn_if_busy(messages.append)
+    assert len(messages) == 1
+    result = run("distill", "./nothing", "--data", "shapes", "--threads", "0")
+    assert result.exit_code == 2 and "--threads must be at least 1" in result.output

@@ -280,3 +280,75 @@ def test_two_processes_with_accelerate(base, tmp_path):
     assert report["processes"] == 2 and report["steps"] == 2
     assert proxyv_tensors(copy) != before
     assert torch.isfinite(torch.tensor([e["loss"] for e in report["loss_curve"]])).all()
+
+
+# --- the real workflow's data: LLaVA-NeXT inputs, small datasets, held-out rows, what a copy inherits ---------------
+
+
+def test_llava_next_distills_with_its_image_sizes(tmp_path):
+    """LLaVA-NeXT's forward needs `image_sizes` beside `pixel_values`: the batcher keeps what the family needs."""
+    from tiny_models import save_tiny_llava_next
+
+    source = save_tiny_llava_next(tmp_path / "source", seed=2)
+    convert(str(source), tmp_path / "m", layer=2, progress=False)
+    data = save_vqa(tmp_path / "data", train=4, validation=2)
+    before = proxyv_tensors(tmp_path / "m")
+    settings = DistillSettings(steps=2, batch_size=2, warmup_steps=1, eval_examples=2)
+    result = distill(tmp_path / "m", str(data), settings=settings, progress=False)
+    assert result.steps == 2 and proxyv_tensors(tmp_path / "m") != before
+    assert result.report["after"]["cosine_vision"] > result.report["before"]["cosine_vision"]
+
+
+def save_jsonl(folder: Path, rows: int) -> Path:
+    """A jsonl file whose image column holds paths relative to it (one split, 'train')."""
+    folder.mkdir()
+    lines = []
+    for i in range(rows):
+        random_image(i).save(folder / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": QUESTIONS[i % 3], "answer": ANSWERS[i % 3]}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+def test_a_one_row_dataset_is_refused_before_anything_is_written(model_copy, tmp_path):
+    model, _ = model_copy
+    data = save_jsonl(tmp_path / "one", 1)
+    before = {p: p.stat().st_mtime_ns for p in model.rglob("*")}
+    with pytest.raises(ProxyVError, match="has 1 row.*at least 2"):
+        distill(model, str(data), settings=DistillSettings(**SETTINGS), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in model.rglob("*")} == before
+
+
+def test_a_three_row_dataset_holds_one_out_and_reports(model_copy, tmp_path):
+    model, _ = model_copy
+    data = save_jsonl(tmp_path / "three", 3)
+    result = distill(model, str(data), settings=DistillSettings(**{**SETTINGS, "steps": 1}), progress=False)
+    assert result.report["held_out_split"] == "train[-1:]" and result.report["after"]["examples"] == 1
+    assert {"cosine_vision", "top1"} <= result.report["after"].keys()
+
+
+def test_held_out_rows_of_one_split_must_not_overlap_the_training_rows(model_copy, tmp_path):
+    model, _ = model_copy
+    data = save_jsonl(tmp_path / "rows", 8)
+    overlapping = DistillSettings(**{**SETTINGS, "train_split": "train[:6]", "eval_split": "train[4:]"})
+    with pytest.raises(ProxyVError, match="shares 2 row"):
+        distill(model, str(data), settings=overlapping, progress=False)
+    disjoint = DistillSettings(**{**SETTINGS, "steps": 1, "train_split": "train[:6]", "eval_split": "train[6:]"})
+    result = distill(model, str(data), settings=disjoint, progress=False)
+    assert result.report["held_out_split"] == "train[6:]" and result.report["after"]["examples"] == 2
+    assert result.report["before"]["task"]["examples"] == 2
+
+
+def test_a_distilled_copy_inherits_no_report_of_the_source(model_copy, tmp_path):
+    """Reports, run state and card describe the source's weights: `--out` does not copy them, and distilling in place
+    removes the evaluation of the old weights."""
+    model, data = model_copy
+    stale = {"eval_report.json": "{}", "bench_report.json": "{}", "run_state.json": "{}", "README.md": "old card"}
+    for name, text in stale.items():
+        (model / name).write_text(text)
+    out = tmp_path / "copy"
+    distill(model, str(data), settings=DistillSettings(**{**SETTINGS, "steps": 1}), out=out, progress=False)
+    assert not any((out / name).exists() for name in stale)
+    assert all((model / name).read_text() == text for name, text in stale.items()), "the source is untouched"
+    distill(model, str(data), settings=DistillSettings(**{**SETTINGS, "steps": 1}), progress=False)
+    assert not (model / "eval_report.json").exists() and (model / "bench_report.json").exists()

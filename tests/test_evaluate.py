@@ -1,5 +1,7 @@
 """evaluate(): exact match with greedy decoding, answer agreement between two models, data loading and its errors."""
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -98,3 +100,25 @@ def test_bad_data_gives_a_clear_error(tmp_path, teacher, processor):
     teacher.save_pretrained(tmp_path / "weights_only")
     with pytest.raises(ProxyVError, match="no processor"):
         evaluate(tmp_path / "weights_only", split)
+
+
+def test_eval_reads_what_distill_reads_with_split_slices(tmp_path, teacher, processor):
+    """A jsonl file with relative image paths and an image folder with metadata.jsonl, as distill reads them; a slice
+    of a split evaluates exactly those rows."""
+    split = build_split("test", 6)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    for i, row in enumerate(split):
+        row["image"].save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "question": row["question"], "answer": row["answer"]})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = tmp_path / "table.jsonl"
+    table.write_text("".join(json.dumps({**r, "image": f"images/{r.pop('file_name')}"}) + "\n" for r in rows))
+    whole = evaluate(teacher, split, split="train", processor=processor, progress=False)
+    from_table = evaluate(teacher, str(table), split="train[2:5]", processor=processor, progress=False)
+    from_folder = evaluate(teacher, str(folder), split="train[-3:]", processor=processor, progress=False)
+    assert from_table.predictions == whole.predictions[2:5] and from_table.split == "train[2:5]"
+    assert from_folder.predictions == whole.predictions[3:] and from_folder.n == 3
+    with pytest.raises(ProxyVError, match="neither a split name nor NAME"):
+        evaluate(teacher, str(table), split="train[1:2:3]", processor=processor)

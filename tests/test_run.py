@@ -164,3 +164,25 @@ def test_single_commands_take_their_options_from_the_recipe(tmp_path, tiny):
     assert report["steps"] == 1 and report["settings"]["batch_size"] == 4 and report["data"] == str(tiny["data"])
     missing = cli("convert", "--layer", "2")
     assert missing.returncode == 2 and "SRC is required" in missing.stderr
+
+
+def test_an_interrupted_run_says_how_to_continue_it(tmp_path, tiny, monkeypatch):
+    """Ctrl-C during the distill stage points to the same `proxyv run` command (run has no --resume)."""
+    import os
+    import signal
+
+    from proxyv_convert import distill as distill_module
+
+    path = write_recipe(tmp_path / "r.yaml", tiny, bench=None, distill__steps=3)
+    real_step = distill_module.train_step
+
+    def step_then_ctrl_c(*args, **kwargs):
+        logged = real_step(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return logged
+
+    monkeypatch.setattr(distill_module, "train_step", step_then_ctrl_c)
+    with pytest.raises(ProxyVError) as error:
+        run(path, progress=False, log=lambda m: None)
+    assert error.value.exit_code == 130 and "--resume" not in str(error.value)
+    assert f"continue with the same command (proxyv run {path})" in str(error.value)

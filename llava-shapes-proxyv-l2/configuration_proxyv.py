@@ -1,0 +1,162 @@
+"""Configuration of ProxyV models ("Streamline Without Sacrifice", arXiv 2505.15816).
+
+A ProxyV config is the configuration of the LLaVA checkpoint it was converted from plus a few
+`proxyv_*` fields. This file is self-contained (standard library + transformers) because it is
+copied into every converted checkpoint and loaded with `trust_remote_code=True`.
+"""
+
+from transformers import LlavaConfig, LlavaNextConfig
+
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+# Vision towers with a 2-D patch grid, and whether they prepend a CLS token to it.
+SUPPORTED_VISION_MODELS = {"clip_vision_model": True, "siglip_vision_model": False}
+VISION_MLP_FORMS = ("residual",)
+PROXY_KINDS = ("spatial", "learned")
+
+
+def default_vision_mlp_size(hidden_size: int) -> int:
+    """Width of the per-layer VisionMLP: H/4, or H/2 for models narrower than 1024 (as in the paper)."""
+    return hidden_size // 2 if hidden_size < 1024 else hidden_size // 4
+
+
+def vision_grid(config: LlavaConfig) -> tuple[int, int]:
+    """(grid side, image tokens per image) that the language model sees for one image."""
+    vision = config.vision_config
+    if vision.model_type not in SUPPORTED_VISION_MODELS:
+        raise ValueError(
+            f"vision tower '{vision.model_type}' is not supported; supported: "
+            f"{', '.join(sorted(SUPPORTED_VISION_MODELS))}"
+        )
+    side = vision.image_size // vision.patch_size
+    tokens = side * side + int(SUPPORTED_VISION_MODELS[vision.model_type])
+    if config.vision_feature_select_strategy == "default":
+        tokens -= 1
+    return side, tokens
+
+
+def check_proxyv_settings(config: LlavaConfig, start_layer: int, reduce_factor: int, proxy: str = "spatial") -> None:
+    """Raise ValueError, with the fix in the message, when ProxyV cannot be applied as asked."""
+    text = config.text_config
+    if text.model_type not in SUPPORTED_TEXT_MODELS:
+        raise ValueError(
+            f"language model '{text.model_type}' is not supported; supported: {', '.join(SUPPORTED_TEXT_MODELS)}"
+        )
+    layers = text.num_hidden_layers
+    if not 0 <= start_layer < layers:
+        raise ValueError(
+            f"start layer {start_layer} is out of range: the model has {layers} decoder layers (0-{layers - 1})"
+        )
+    side, tokens = vision_grid(config)
+    if proxy == "learned":  # learned proxies need no 2-D grid
+        return
+    if tokens != side * side:
+        raise ValueError(
+            f"the vision tower gives {tokens} tokens per image, which is not a {side}x{side} grid "
+            f"(vision_feature_select_strategy='{config.vision_feature_select_strategy}'); use proxy 'learned'"
+        )
+    if reduce_factor < 1 or side % reduce_factor:
+        valid = [f for f in range(1, side + 1) if side % f == 0]
+        raise ValueError(
+            f"reduce factor {reduce_factor} does not divide the {side}x{side} vision grid; "
+            f"use one of {', '.join(map(str, valid))}"
+        )
+
+
+PROXYV_DOC = r"""
+    Args:
+        proxyv_start_layer (`int`, *optional*):
+            First decoder layer that runs ProxyV (layers before it are untouched). Defaults to the middle layer.
+        proxyv_reduce_factor (`int`, defaults to 4):
+            Each image's token grid is downsampled by this factor per side to make its proxy tokens.
+        proxyv_enabled (`bool`, defaults to `True`):
+            `False` makes the model compute exactly what the original LLaVA model computes.
+        proxyv_vision_mlp_size (`int`, *optional*):
+            Width of the per-layer VisionMLP that updates the full vision tokens. Defaults to H/4 (H/2 when H < 1024).
+        proxyv_vision_mlp (`str`, defaults to `"residual"`):
+            Form of the VisionMLP. `"residual"`: the update is added to the vision token and its output layer starts
+            at zero, so an undistilled conversion passes the vision states through unchanged.
+        proxyv_proxy (`str`, defaults to `"spatial"`):
+            How proxies are made. `"spatial"`: bilinear downsampling of the 2-D token grid. `"learned"`: learned
+            queries attend over an image's vision tokens (any number of them), and each token's VisionMLP context
+            comes back through the same attention weights.
+        proxyv_learned_proxies (`int`, *optional*):
+            Proxies per image grid with `"learned"` (default: as many as the spatial variant makes).
+        proxyv_base_model (`str`, *optional*):
+            The checkpoint this model was converted from (provenance only).
+"""
+
+
+def finish_proxyv_config(config) -> None:
+    """Defaults that depend on the model, then the checks (shared by the LLaVA and LLaVA-NeXT configs)."""
+    if config.proxyv_start_layer is None:
+        config.proxyv_start_layer = config.text_config.num_hidden_layers // 2
+    if config.proxyv_vision_mlp_size is None:
+        config.proxyv_vision_mlp_size = default_vision_mlp_size(config.text_config.hidden_size)
+    if config.proxyv_vision_mlp not in VISION_MLP_FORMS:
+        raise ValueError(f"proxyv_vision_mlp '{config.proxyv_vision_mlp}' is not one of {VISION_MLP_FORMS}")
+    if config.proxyv_proxy not in PROXY_KINDS:
+        raise ValueError(f"proxyv_proxy '{config.proxyv_proxy}' is not one of {PROXY_KINDS}")
+    check_proxyv_settings(config, config.proxyv_start_layer, config.proxyv_reduce_factor, config.proxyv_proxy)
+    if config.proxyv_learned_proxies is None:
+        side = vision_grid(config)[0]
+        per_side = -(-side // config.proxyv_reduce_factor)  # ceil
+        config.proxyv_learned_proxies = per_side * per_side
+    if config.proxyv_learned_proxies < 1:
+        raise ValueError(f"proxyv_learned_proxies must be at least 1, got {config.proxyv_learned_proxies}")
+
+
+class ProxyVConfigMixin:
+    """The ProxyV behaviour shared by the LLaVA and LLaVA-NeXT configs (each declares the `proxyv_*` fields itself:
+    configs are dataclasses, whose fields come from dataclass bases only)."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        finish_proxyv_config(self)
+
+    @classmethod
+    def from_llava_config(cls, config, **proxyv_settings):
+        """The ProxyV configuration of a source checkpoint's configuration (same family) and the ProxyV settings."""
+        fields = config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            fields.pop(key, None)
+        return cls(**fields, **proxyv_settings)
+
+    @property
+    def proxyv_grid(self) -> int:
+        """Side of one image's (one crop's) token grid."""
+        return vision_grid(self)[0]
+
+
+class ProxyVLlavaConfig(ProxyVConfigMixin, LlavaConfig):
+    __doc__ = "[`LlavaConfig`] plus the ProxyV settings.\n" + PROXYV_DOC
+
+    model_type = "proxyv_llava"
+
+    proxyv_start_layer: int | None = None
+    proxyv_reduce_factor: int = 4
+    proxyv_enabled: bool = True
+    proxyv_vision_mlp_size: int | None = None
+    proxyv_vision_mlp: str = "residual"
+    proxyv_proxy: str = "spatial"
+    proxyv_learned_proxies: int | None = None
+    proxyv_base_model: str | None = None
+
+
+class ProxyVLlavaNextConfig(ProxyVConfigMixin, LlavaNextConfig):
+    __doc__ = "[`LlavaNextConfig`] plus the ProxyV settings; `proxyv_reduce_factor` applies to every crop's grid.\n" + (
+        PROXYV_DOC
+    )
+
+    model_type = "proxyv_llava_next"
+
+    proxyv_start_layer: int | None = None
+    proxyv_reduce_factor: int = 4
+    proxyv_enabled: bool = True
+    proxyv_vision_mlp_size: int | None = None
+    proxyv_vision_mlp: str = "residual"
+    proxyv_proxy: str = "spatial"
+    proxyv_learned_proxies: int | None = None
+    proxyv_base_model: str | None = None
+
+
+__all__ = ["ProxyVLlavaConfig", "ProxyVLlavaNextConfig"]

@@ -1,0 +1,1050 @@
+"""ProxyV for LLaVA models in transformers ("Streamline Without Sacrifice", arXiv 2505.15816).
+
+From decoder layer S on, each image's vision tokens are represented by a few proxy tokens (the token grid
+downsampled by a factor r per side). In every layer l >= S:
+  - queries are the proxies and the text tokens; keys/values are the full vision tokens, the proxies and the text;
+  - a proxy sees earlier proxies and the text before its image, never full vision tokens;
+  - a text token sees the full vision tokens and earlier text, never proxies;
+  - the full vision tokens get no query and no FFN: they contribute keys/values (from their current state, with
+    the layer's own norm, projections and RoPE at their real positions) and are then updated by a light
+    per-layer VisionMLP from their own state and their proxy's new state.
+Proxies take compact positions s, s+1, ... where s is the position of their image's first token; they are dropped
+after the last layer. The KV cache holds the full vision tokens and the text, never proxies, so decoding is the
+ordinary path.
+
+Between layers S..L-1 the hidden states carry the proxies appended after the sequence: (B, T + P, H).
+
+This file is self-contained (standard library, torch, transformers): it is copied into every converted checkpoint
+and loaded with `trust_remote_code=True`.
+"""
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration, LlavaNextModel
+from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextPreTrainedModel,
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
+
+from .configuration_proxyv import ProxyVLlavaConfig, ProxyVLlavaNextConfig, vision_grid
+
+# The additive attention bias of a masked key: what torch itself turns a boolean mask into for cuDNN attention (where
+# -inf can give NaNs); finite in float16 and bfloat16, and far enough below any score that the softmax gives exactly 0.
+MASKED_BIAS = -65504.0
+TEXT, VISION, PROXY, NEWLINE = 0, 1, 2, 3  # NEWLINE: an image token outside every grid, computed like text
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, L, D), index: (B, K) -> (B, K, D)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """CPU tensors -> the same tensors on `device`, with one host-to-device copy per dtype (from pinned memory on
+    CUDA, so the copy does not wait for the host)."""
+    if device.type == "cpu":
+        return tensors
+    out = {}
+    for dtype in dict.fromkeys(t.dtype for t in tensors.values()):
+        names = [name for name, t in tensors.items() if t.dtype == dtype]
+        packed = torch.cat([tensors[name].reshape(-1) for name in names])
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=device.type == "cuda")
+        for name, part in zip(names, packed.split([tensors[name].numel() for name in names]), strict=True):
+            out[name] = part.view(tensors[name].shape)
+    return out
+
+
+def select_rows(x: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Rows of x (B, L, D) at flat indices from `flat_rows` -> (B, K, D): one contiguous row copy per index."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, flat_index).view(x.shape[0], -1, x.shape[-1])
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding, x * cos + rotate_half(x) * sin, in three operations: x: (B, heads, L, d); cos and
+    signed_sin (sin with its first half negated, see `ProxyVPlan.layer_tables`): (B, 1, L, d). rotate_half(x) * sin is
+    swap_halves(x) * signed_sin, added half by half to x * cos: five tensor-sized reads and writes, where a swapped
+    copy of x would take seven (same roundings, the same result)."""
+    out = x * cos
+    halves, x_halves, sin_halves = (t.unflatten(-1, (2, -1)) for t in (out, x, signed_sin))
+    halves[..., 0, :].addcmul_(x_halves[..., 1, :], sin_halves[..., 0, :])
+    halves[..., 1, :].addcmul_(x_halves[..., 0, :], sin_halves[..., 1, :])
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as one fused kernel on CUDA (the written-out form is seven): float32 statistics, the weight
+    applied before the result is rounded to the input dtype. The same values as Llama's in float32; in bfloat16 or
+    float16, where Llama rounds before applying the weight, the two can differ in the last bit."""
+    if weight.dtype != x.dtype:
+        return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+_LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # all compute rms_norm(x, weight, eps)
+
+
+def backbone_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A decoder layer's own norm, through `rms_norm` where it is Llama's."""
+    if type(norm).__name__ in _LLAMA_NORMS:
+        return rms_norm(x, norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
+class ProxyVRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class ProxyVZeroLinear(nn.Linear):
+    """A linear layer that starts at zero (the VisionMLP output, so a new VisionMLP is the identity)."""
+
+
+class ProxyVVisionMLP(nn.Module):
+    """Updates full vision tokens from their own state and their proxy's context.
+
+    update = out(SiLU(fuse([proj_vision(norm(v)), proj_proxy(norm(p))])));  v <- v + update.
+    `out` starts at zero, so a freshly converted model passes the vision states through unchanged.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, eps: float):
+        super().__init__()
+        self.norm_vision = ProxyVRMSNorm(hidden_size, eps)
+        self.norm_proxy = ProxyVRMSNorm(hidden_size, eps)
+        self.proj_vision = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.proj_proxy = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.fuse = nn.Linear(2 * intermediate_size, intermediate_size, bias=True)
+        self.out = ProxyVZeroLinear(intermediate_size, hidden_size, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float) -> None:
+        for module in self.modules():
+            init_proxyv_module(module, std)
+
+    def forward(self, vision: torch.Tensor, proxies: torch.Tensor, context, overwrite: bool = False) -> torch.Tensor:
+        # vision: (B, V, H) full tokens; proxies: (B, P, H) their proxies after this layer; context maps per-proxy
+        # features (B, P, I) to per-vision-token ones (B, V, I) in a new tensor. The projection is per token, so it is
+        # applied to the P proxies before they are spread over the V tokens. overwrite: the update is added to
+        # `vision` in place (a contiguous tensor no gradient goes through), which is then returned.
+        # fuse([own, ctx]) = W_own @ own + W_ctx @ ctx + b; W_ctx is applied to the P proxies before they are spread
+        # over the V tokens (spreading is linear), and no concatenated copy is made.
+        width = self.proj_vision.out_features
+        w_own, w_ctx = self.fuse.weight[:, :width], self.fuse.weight[:, width:]
+        if torch.compiler.is_compiling():
+            # Compiled, the additions are left to inductor's fusion: graphs with the addmm form below warned
+            # "Constructing input/output tensor meta failed for Extern Choice" once per layer on an H100 and ran
+            # batch 1 slower than the previous version, which had this form (benchmarks/results/h100-2026-11-27b).
+            ctx = context(F.linear(self.proj_proxy(self.norm_proxy(proxies)), w_ctx))  # (B, V, I)
+            own = F.linear(self.proj_vision(self.norm_vision(vision)), w_own, self.fuse.bias)  # (B, V, I)
+            return vision + self.out(F.silu(own + ctx))  # (B, V, H)
+        # Eager, the bias joins the proxies' side (spreading copies it unchanged), and the two additions are the
+        # matrix products' own (addmm): two kernels fewer. Where no gradient is needed, the products add into the
+        # tensors they update (addmm would first copy them). Autocast casts no in-place product, and in addmm it would
+        # round the residual stream itself: under it the residual is added apart, in its own dtype, as the decoder
+        # layers add theirs.
+        ctx = context(F.linear(self.proj_proxy(self.norm_proxy(proxies)), w_ctx, self.fuse.bias))  # (B, V, I)
+        own = self.proj_vision(self.norm_vision(vision)).reshape(-1, width)  # (B*V, I)
+        rows = vision.reshape(-1, vision.shape[-1])  # (B*V, H)
+        autocast = torch.is_autocast_enabled(vision.device.type)
+        if not torch.is_grad_enabled() and not autocast:
+            fused = F.silu(ctx.view(-1, width).addmm_(own, w_own.t()), inplace=True)  # (B*V, I)
+            if overwrite:
+                rows.addmm_(fused, self.out.weight.t())
+                return vision
+        else:
+            fused = F.silu(torch.addmm(ctx.reshape(-1, width), own, w_own.t()))
+        if autocast:
+            updated = (rows + F.linear(fused, self.out.weight)).view(vision.shape)  # (B, V, H)
+        else:
+            updated = torch.addmm(rows, fused, self.out.weight.t()).view(vision.shape)  # (B, V, H)
+        return vision.copy_(updated) if overwrite else updated
+
+
+class ProxyVLearnedProxies(nn.Module):
+    """Non-spatial proxies: `count` learned queries attend over the vision tokens of one image grid (any number of
+    them, in any layout); the same attention weights, normalised per token, carry the proxies' context back."""
+
+    def __init__(self, hidden_size: int, width: int, count: int, eps: float):
+        super().__init__()
+        self.norm = ProxyVRMSNorm(hidden_size, eps)
+        self.key = nn.Linear(hidden_size, width, bias=False)
+        self.queries = nn.Parameter(torch.empty(count, width))
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: (G, N, H) of G grids padded to N, valid: (G, N) -> proxies (G, K, H), weights back (G, N, K)."""
+        keys = self.key(self.norm(tokens))  # (G, N, I)
+        scores = torch.einsum("ki,gni->gkn", self.queries.to(keys.dtype), keys) * keys.shape[-1] ** -0.5
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        weights = scores.float().softmax(-1).to(tokens.dtype)  # (G, K, N): each proxy a convex mix of tokens
+        back = weights.transpose(1, 2)
+        back = back / back.sum(-1, keepdim=True).clamp_min(1e-9)  # each token's weights over the proxies sum to 1
+        return weights @ tokens, back
+
+
+@torch.no_grad()
+def init_proxyv_module(module: nn.Module, std: float) -> None:
+    """Initial values of one ProxyV submodule (norms at one, projections normal(0, std), the output at zero)."""
+    if isinstance(module, ProxyVLearnedProxies):
+        module.queries.normal_(0.0, 1.0)
+    elif isinstance(module, ProxyVRMSNorm):
+        module.weight.fill_(1.0)
+    elif isinstance(module, ProxyVZeroLinear):
+        module.weight.zero_()
+    elif isinstance(module, nn.Linear):
+        module.weight.normal_(0.0, std)
+        if module.bias is not None:
+            module.bias.zero_()
+
+
+class ProxyVModules(nn.Module):
+    """All parameters ProxyV adds to a model: one VisionMLP per layer from the start layer on, and with learned
+    proxies the module that makes them."""
+
+    def __init__(self, config: ProxyVLlavaConfig):
+        super().__init__()
+        text = config.text_config
+        self.vision_mlps = nn.ModuleDict(
+            {
+                str(i): ProxyVVisionMLP(text.hidden_size, config.proxyv_vision_mlp_size, text.rms_norm_eps)
+                for i in range(config.proxyv_start_layer, text.num_hidden_layers)
+            }
+        )
+        if config.proxyv_proxy == "learned":
+            self.learned = ProxyVLearnedProxies(
+                text.hidden_size, config.proxyv_vision_mlp_size, config.proxyv_learned_proxies, text.rms_norm_eps
+            )
+
+    def reset_parameters(self, std: float) -> None:
+        for module in self.modules():
+            init_proxyv_module(module, std)
+
+
+@dataclass(frozen=True)
+class ProxyVGrid:
+    """One image's 2-D grid of vision tokens in a prompt: cell (i, j) is row `start + i * stride + j`.
+
+    `stride` is `width` for a plain grid and `width + 1` when every grid row ends with a newline token.
+    """
+
+    start: int
+    height: int
+    width: int
+    stride: int
+
+    def rows(self) -> np.ndarray:
+        return (self.start + np.arange(self.height)[:, None] * self.stride + np.arange(self.width)).reshape(-1)
+
+    def proxy_shape(self, factor: int) -> tuple[int, int]:
+        return -(-self.height // factor), -(-self.width // factor)  # ceil: a partial block still gets a proxy
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def padded(items: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, longest) int64 items padded with 0, and which entries are real."""
+    lengths = np.array([len(item) for item in items])
+    valid = np.arange(lengths.max(initial=0)) < lengths[:, None]
+    out = np.zeros(valid.shape, dtype=np.int64)
+    out[valid] = np.concatenate(items) if items else _EMPTY
+    return out, valid
+
+
+def flat_rows(index: np.ndarray, rows: int) -> np.ndarray:
+    """(B, K) row indices into (B, rows, D) -> (B*K,) indices into its (B*rows, D) view."""
+    return (index + np.arange(index.shape[0])[:, None] * rows).reshape(-1)
+
+
+class ProxyVPlan:
+    """Index tensors and the attention mask of one ProxyV prefill, shared by every ProxyV layer.
+
+    Layout of the hidden states between ProxyV layers: rows [0, T) are the sequence as given, rows [T, T + P) the
+    proxies (each sample's grids' proxies, padded to the longest sample). Queries are `Qt` text slots (text tokens,
+    including image tokens outside any grid such as newline tokens, which are computed like text) followed by the P
+    proxy slots; slots that a sample does not use are computed and discarded.
+
+    The index arithmetic runs on the host in NumPy (an operation there costs a fraction of a torch CPU operator's
+    dispatch); the results go to the device in one copy per dtype.
+    """
+
+    def __init__(
+        self,
+        image_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        grids: list[list[ProxyVGrid]],
+        *,
+        device: torch.device,
+        factor: int,
+        start_layer: int,
+        num_layers: int,
+        modules: ProxyVModules,
+        sliding_window: int | None = None,
+        learned: int | None = None,
+    ):
+        """`image_mask` and `attention_mask` (None, or which tokens are real): (B, T) booleans on the CPU; the plan's
+        tensors are made for `device`. `learned`: proxies per grid made by the learned module (else spatial: the grid
+        downsampled by `factor`)."""
+        batch, seq = image_mask.shape
+        if attention_mask is not None:
+            attention_mask = attention_mask.numpy()
+        self.modules = modules
+        self.learned = learned is not None
+        self.start_layer, self.last_layer = start_layer, num_layers - 1
+        self.seq_len = seq
+
+        # Per sample: the grid rows (vision slots), each vision slot's proxy, the proxies' source rows. Index patterns
+        # are made once per grid shape and shifted to each grid's place.
+        patterns: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        vision, upsample, sources = [], [], []
+        # Per grid shape (spatial) or for all grids (learned): each grid's flat token rows, sample and first proxy slot.
+        groups: dict[tuple[int, int], list[tuple[np.ndarray, int, int]]] = {}
+        for b, sample_grids in enumerate(grids):
+            rows, ups, srcs, offset = [], [], [], 0
+            for grid in sample_grids:
+                ph, pw = grid.proxy_shape(factor) if learned is None else (1, learned)
+                key = (grid.height, grid.width, grid.stride, ph, pw)
+                if key not in patterns:
+                    cell_i = np.arange(grid.height)[:, None] * ph // grid.height  # nearest: floor(i * ph / h)
+                    cell_j = np.arange(grid.width) * pw // grid.width
+                    patterns[key] = (ProxyVGrid(0, grid.height, grid.width, grid.stride).rows(),
+                                     (cell_i * pw + cell_j).reshape(-1), np.arange(ph * pw))
+                grid_rows, grid_ups, proxy_range = patterns[key]
+                rows.append(grid.start + grid_rows)
+                ups.append(offset + grid_ups)
+                srcs.append(grid.start + proxy_range)
+                group = (grid.height, grid.width) if learned is None else (0, 0)
+                groups.setdefault(group, []).append((b * seq + rows[-1], b, offset))
+                offset += ph * pw
+            vision.append(np.concatenate(rows) if rows else _EMPTY)
+            upsample.append(np.concatenate(ups) if ups else _EMPTY)
+            sources.append(np.concatenate(srcs) if srcs else _EMPTY)
+
+        vision_index, vision_valid = padded(vision)
+        upsample_index, _ = padded(upsample)
+        proxy_source, proxy_valid = padded(sources)
+        num_vision, proxies = vision_index.shape[1], proxy_source.shape[1]
+        vision_sample, vision_slot = np.nonzero(vision_valid)
+        # Kind of every row; text slots are the rows that are not vision slots, in order (padded with row 0).
+        kind = np.where(image_mask.numpy(), NEWLINE, TEXT)  # (B, T)
+        kind[vision_sample, vision_index[vision_valid]] = VISION
+        is_text = kind != VISION
+        text_lengths = is_text.sum(1)
+        text_slots = int(text_lengths.max())
+        text_index = np.argsort(~is_text, axis=1, kind="stable")[:, :text_slots]
+        text_valid = np.arange(text_slots) < text_lengths[:, None]
+        text_index[~text_valid] = 0
+        self.num_proxies, self.num_text_slots = proxies, text_slots
+        # Row r of a layer's output is row out_index[r] of cat([text slots, proxy slots, vision slots]).
+        out_index = np.empty((batch, seq + proxies), dtype=np.int64)
+        out_index[:, :seq] = is_text.cumsum(1) - 1
+        out_index[vision_sample, vision_index[vision_valid]] = text_slots + proxies + vision_slot
+        out_index[:, seq:] = np.arange(text_slots, text_slots + proxies)
+
+        # The grid groups of make_proxies: flat source rows and flat proxy slots of every grid of one shape.
+        host: dict[str, np.ndarray] = {}
+        group_shapes = []
+        for g, ((height, width), members) in enumerate(groups.items()):
+            if learned is None:
+                proxy_shape = ProxyVGrid(0, height, width, width).proxy_shape(factor)
+                group_shapes.append(((height, width), proxy_shape))
+                count = proxy_shape[0] * proxy_shape[1]
+                host[f"group_rows{g}"] = np.concatenate([rows for rows, _, _ in members])
+                host[f"group_slots{g}"] = np.concatenate(
+                    [b * proxies + offset + np.arange(count) for _, b, offset in members])
+            else:
+                host.update(self._learned_layout(members, vision, proxies, num_vision, learned))
+
+        query_index = np.concatenate([text_index, np.broadcast_to(np.arange(seq, seq + proxies), (batch, proxies))], 1)
+        proxy_source = np.minimum(proxy_source, seq - 1)  # causal order and RoPE position of each proxy
+        # Each key's causal order and each query's; whether a key is one a proxy may see (text or proxy).
+        key_order = np.concatenate([np.broadcast_to(np.arange(seq), (batch, seq)), proxy_source], axis=1)  # (B, T+P)
+        rows = seq + proxies
+        # Row r of a layer's output as a row of [every sample's query slots; every sample's vision slots] (B*Q + B*V
+        # rows): the layout in which a layer without gradients writes both parts before one gather puts them in place.
+        query_slots, sample = text_slots + proxies, np.arange(batch)[:, None]
+        split_index = np.where(out_index < query_slots, sample * query_slots + out_index,
+                               batch * query_slots + sample * num_vision + out_index - query_slots)
+        host.update(
+            query_index=query_index,  # (B, Q)
+            proxy_source=proxy_source,  # (B, P)
+            # The index sets flattened for the (B*rows, H) views they are used on (index_select copies whole rows).
+            query_rows=flat_rows(query_index, rows),
+            vision_rows=flat_rows(vision_index, rows),
+            split_rows=split_index.reshape(-1),
+            upsample_rows=flat_rows(upsample_index, proxies),  # vision slot -> proxy slot, (B*V,)
+        )
+        self.num_vision = num_vision
+        host["mask"] = self._attention_mask(
+            {
+                "key_order": key_order,
+                "query_index": query_index,
+                "query_order": np.take_along_axis(key_order, query_index, axis=1),
+                "proxy_sees": np.concatenate([kind == TEXT, np.ones((batch, proxies), dtype=bool)], axis=1),
+                "slot_valid": np.concatenate([text_valid, proxy_valid], axis=1),
+                "proxy_valid": proxy_valid,
+            },
+            attention_mask,
+            sliding_window,
+        )
+        on_device = to_device({name: torch.from_numpy(array) for name, array in host.items()}, device)
+        self.proxy_groups = [
+            (shape, proxy_shape, on_device[f"group_rows{g}"], on_device[f"group_slots{g}"])
+            for g, (shape, proxy_shape) in enumerate(group_shapes)
+        ]
+        if self.learned:
+            self.learned_rows, self.learned_valid = on_device["learned_rows"], on_device["learned_valid"]
+            self.learned_slots, self.learned_back_rows = on_device["learned_slots"], on_device["learned_back_rows"]
+            self.learned_back: torch.Tensor | None = None
+        self.query_index, self.proxy_source = on_device["query_index"], on_device["proxy_source"]
+        self.query_rows, self.vision_rows = on_device["query_rows"], on_device["vision_rows"]
+        self.split_rows, self.upsample_rows = on_device["split_rows"], on_device["upsample_rows"]
+        self.mask = on_device["mask"]
+        # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
+        self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
+        self._tables: tuple[torch.Tensor, ...] = ()
+
+    def _attention_mask(self, host: dict[str, np.ndarray], attention_mask, sliding_window) -> np.ndarray:
+        """(B, 1, Q, T + P), True = attend. Causal by order; text (and newline tokens, computed like text) never sees
+        proxies; proxies see only text and proxies; padding and unused slots attend to themselves only (finite, and
+        never seen by a real query)."""
+        seq, text_slots = self.seq_len, self.num_text_slots
+        key_order, query_index = host["key_order"], host["query_index"]
+        batch = key_order.shape[0]
+        sequence_valid = np.ones((batch, seq), dtype=bool) if attention_mask is None else attention_mask
+        key_valid = np.concatenate([sequence_valid, host["proxy_valid"]], axis=1)  # (B, T + P)
+        query_valid = np.take_along_axis(key_valid, query_index, axis=1) & host["slot_valid"]
+        query_order = np.where(query_valid, host["query_order"], -1)  # sees no key until its own is set below
+        allowed = key_order[:, None, :] <= query_order[:, :, None]  # (B, Q, T + P)
+        if sliding_window is not None:
+            allowed &= (query_order[:, :, None] - key_order[:, None, :]) < sliding_window
+        allowed[:, :text_slots, seq:] = False
+        allowed[:, :text_slots, :seq] &= key_valid[:, None, :seq]
+        allowed[:, text_slots:] &= (key_valid & host["proxy_sees"])[:, None, :]
+        np.put_along_axis(allowed, query_index[:, :, None], True, axis=2)  # a valid query already sees itself
+        return allowed[:, None]
+
+    def assemble(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        """The layer's output rows (B, T+P, H) from the query slots' (B, Q, H) and the vision slots' (B, V, H)."""
+        batch, _, width = queries.shape
+        if not self.dense:  # unused slots would write over real rows: pick each row's source instead
+            parts = torch.cat([queries.reshape(-1, width), vision.reshape(-1, width)])
+            return parts.index_select(0, self.split_rows).view(batch, -1, width)
+        out = queries.new_empty(batch * (self.seq_len + self.num_proxies), width)
+        out.index_copy_(0, self.query_rows, queries.reshape(-1, width))
+        out.index_copy_(0, self.vision_rows, vision.reshape(-1, width))
+        return out.view(batch, -1, width)
+
+    def _learned_layout(self, members, vision, proxies: int, num_vision: int, count: int) -> dict[str, np.ndarray]:
+        """Index arrays of learned proxies: every grid's tokens padded to the longest grid (G, N), its proxy slots,
+        and for every vision slot its place in that padded layout."""
+        token_rows, valid = padded([rows for rows, _, _ in members])
+        longest = token_rows.shape[1]
+        slots = np.concatenate([b * proxies + offset + np.arange(count) for _, b, offset in members])
+        # Vision slots list each sample's grids in order, so the padded layout maps back slot by slot.
+        to_layout = np.zeros((len(vision), num_vision), dtype=np.int64)
+        position = np.zeros(len(vision), dtype=np.int64)
+        for g, (rows, b, _) in enumerate(members):
+            to_layout[b, position[b] : position[b] + len(rows)] = g * longest + np.arange(len(rows))
+            position[b] += len(rows)
+        return {"learned_rows": token_rows.reshape(-1), "learned_valid": valid, "learned_slots": slots,
+                "learned_back_rows": to_layout.reshape(-1)}
+
+    def context(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-proxy features (B, P, I) -> per-vision-token context (B, V, I): each token's proxy (spatial) or the
+        proxies weighted by the token's attention weights (learned)."""
+        batch, _, width = features.shape
+        flat = features.reshape(-1, width)
+        if not self.learned:
+            return flat.index_select(0, self.upsample_rows).view(batch, -1, width)
+        groups, longest = self.learned_valid.shape
+        per_grid = flat.index_select(0, self.learned_slots).view(groups, -1, width)  # (G, K, I)
+        spread = torch.bmm(self.learned_back, per_grid).reshape(-1, width)  # (G*N, I)
+        return spread.index_select(0, self.learned_back_rows).view(batch, self.num_vision, width)
+
+    def make_proxies(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) states at the start layer -> (B, P, H) proxies: bilinear downsampling of every grid, or the
+        learned queries' attention over each grid's tokens."""
+        batch, _, width = hidden.shape
+        flat = hidden.reshape(-1, width)
+        proxies = hidden.new_zeros(batch * self.num_proxies, width)
+        if self.learned:
+            groups, longest = self.learned_valid.shape
+            tokens = flat.index_select(0, self.learned_rows).view(groups, longest, width)
+            made, self.learned_back = self.modules.learned(tokens, self.learned_valid)
+            proxies = proxies.index_copy(0, self.learned_slots, made.reshape(-1, width))
+            return proxies.view(batch, self.num_proxies, width)
+        for (height, grid_width), (ph, pw), rows, slots in self.proxy_groups:
+            grid = flat.index_select(0, rows).view(-1, height, grid_width, width).permute(0, 3, 1, 2)
+            small = F.interpolate(grid, size=(ph, pw), mode="bilinear", align_corners=False)
+            proxies = proxies.index_copy(0, slots, small.permute(0, 2, 3, 1).reshape(-1, width))
+        return proxies.view(batch, self.num_proxies, width)
+
+    def layer_tables(self, position_embeddings: tuple[torch.Tensor, torch.Tensor], fresh: bool = False
+                     ) -> tuple[torch.Tensor, ...]:
+        """What every ProxyV layer of a forward shares, made by its start layer (`fresh`; the plan's tensors may have
+        been refilled since the last forward, as when a CUDA graph is replayed with a new prompt's plan copied in) and
+        read by the layers after it. They are (cos, signed sin) of the T + P key rows and of the query rows, each
+        (B, 1, L, d), for `apply_rope`, and the attention mask as an additive bias in the states' dtype (0 where a
+        query attends, MASKED_BIAS elsewhere; SDPA would otherwise turn the boolean mask into one in every layer: two
+        more kernels per layer)."""
+        if fresh or not self._tables:
+            cos, sin = position_embeddings
+            batch = self.query_index.shape[0]
+            half = sin.shape[-1] // 2
+            signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # see apply_rope
+            tables = []
+            for table in (cos, signed_sin):
+                table = table.expand(batch, -1, -1)
+                keys = torch.cat([table, gather_rows(table, self.proxy_source)], dim=1)
+                tables.append((keys, gather_rows(keys, self.query_index)))
+            (cos_k, cos_q), (sin_k, sin_q) = tables
+            bias = torch.full_like(self.mask, MASKED_BIAS, dtype=cos.dtype).masked_fill_(self.mask, 0.0)
+            self._tables = (cos_k[:, None], sin_k[:, None], cos_q[:, None], sin_q[:, None], bias)
+        return self._tables
+
+
+class ProxyVPendingPlan:
+    """A forward's plan, built the first time it is asked for: by the first ProxyV layer, after the host has queued
+    the device's work before it. `get()` gives the plan (None for prompts without images) and raises what building
+    raises."""
+
+    def __init__(self, build: Callable[[], ProxyVPlan | None]):
+        self._build, self._plan = build, None
+
+    def get(self) -> ProxyVPlan | None:
+        if self._build is not None:
+            self._plan = self._build()
+            self._build = None
+        return self._plan
+
+    def argument_for(self, language_model: nn.Module) -> "ProxyVPlan | ProxyVPendingPlan | None":
+        """The `proxyv_plan` to call `language_model` with: the plan built now if it is compiled (building it inside
+        would be host code in its graph), else this pending plan, for its start layer to build."""
+        return self.get() if hasattr(language_model, "_orig_mod") else self
+
+
+def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Masked attention of (B, h, Q, d) queries over (B, kv_h, K, d) keys/values -> (B, Q, h, d); `mask` (True =
+    attend) and the same mask as an additive `bias` (for SDPA)."""
+    groups = attn.num_key_value_groups
+    dropout = attn.attention_dropout if attn.training else 0.0
+    if attn.config._attn_implementation == "eager":
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        weights = torch.matmul(query, key.transpose(2, 3)) * attn.scaling
+        weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = F.dropout(weights, p=dropout, training=attn.training)
+        out = torch.matmul(weights, value)
+    else:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, dropout_p=dropout, scale=attn.scaling, enable_gqa=groups > 1
+        )
+    return out.transpose(1, 2)
+
+
+def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Lay the weights (and biases) of linear layers that read the same input out in one tensor, each layer's
+    parameter becoming a view of its rows: one matrix product then computes all their outputs, and no weight is
+    stored twice. Returns (weight, bias), or None where they cannot share one tensor (meta weights, different
+    dtypes or devices, some with a bias and some without)."""
+    if any(type(layer) is not nn.Linear for layer in linears):  # e.g. quantized or adapter-wrapped layers
+        return None
+    weights, biases = [layer.weight for layer in linears], [layer.bias for layer in linears]
+    if (
+        any(w.device.type == "meta" for w in weights)
+        or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1
+        or len({b is None for b in biases}) != 1
+    ):
+        return None
+    return _join(weights), None if biases[0] is None else _join(biases)
+
+
+def _join(params: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor holding `params` one after another; each parameter becomes a view of its rows."""
+    joined = torch.cat([p.detach() for p in params])
+    for param, rows in zip(params, joined.split([p.shape[0] for p in params]), strict=True):
+        param.data = rows
+    return joined
+
+
+_FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x))
+
+
+class ProxyVDecoderLayerMixin:
+    """Mixed into the backbone's own decoder layer class (parameter names stay the same).
+
+    Without a plan (ProxyV off, decoding, text-only prompts) the layer is exactly the original layer.
+    """
+
+    def fuse_projections(self, enabled: bool = True) -> None:
+        """Key/value and gate/up weights laid out in one tensor each (see `fuse_linears`), so the ProxyV forward runs
+        one matrix product for each pair. The parameters keep their names, shapes and values; moving the model
+        (`.to()`, `.half()`, ...) lays them out again. `enabled=False` gives each parameter its own tensor again."""
+        attn, mlp = self.self_attn, self.mlp
+        if not enabled:
+            if not self.__dict__.get("_proxyv_fused"):
+                return
+            for linear in (attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                for param in (linear.weight, linear.bias):
+                    if param is not None:
+                        param.data = param.data.clone()
+            self._proxyv_fused = None
+            return
+        fused = {"kv": fuse_linears([attn.k_proj, attn.v_proj])}
+        if type(mlp).__name__ in _FUSABLE_MLPS:
+            fused["gate_up"] = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self._proxyv_fused = {name: pair for name, pair in fused.items() if pair is not None}
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if self.__dict__.get("_proxyv_fused") is not None:  # the parameters are new tensors now
+            self.fuse_projections()
+        return result
+
+    def _fused(self, name: str, first: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused weight of `name` if it still holds `first`'s weight and no gradient reaches the weights. Not
+        under torch.compile: compiled with mode="reduce-overhead" on an H100 the fused products made batch-1 prefill
+        slower (25.9 ms against 17.6 ms with separate products, benchmarks/results/h100-2026-11-27b), where eager
+        and CUDA-graph runs gain from them."""
+        if torch.compiler.is_compiling():
+            return None
+        pair = (self.__dict__.get("_proxyv_fused") or {}).get(name)
+        if pair is None or type(first) is not nn.Linear or (torch.is_grad_enabled() and first.weight.requires_grad):
+            return None
+        if first.weight.data_ptr() != pair[0].data_ptr():
+            return None  # the weights were replaced since they were fused
+        return pair
+
+    def _proxyv_kv(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.self_attn
+        pair = self._fused("kv", attn.k_proj)
+        if pair is None:
+            return attn.k_proj(normed), attn.v_proj(normed)
+        key, value = F.linear(normed, *pair).split([attn.k_proj.out_features, attn.v_proj.out_features], dim=-1)
+        return key, value
+
+    def _proxyv_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        pair = self._fused("gate_up", mlp.gate_proj) if type(mlp).__name__ in _FUSABLE_MLPS else None
+        if pair is None:
+            return mlp(x)
+        gate, up = F.linear(x, *pair).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def forward(self, hidden_states: torch.Tensor, *args,
+                proxyv_plan: ProxyVPlan | ProxyVPendingPlan | None = None, **kwargs):
+        if isinstance(proxyv_plan, ProxyVPendingPlan):
+            proxyv_plan = proxyv_plan.get()
+        if proxyv_plan is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        assert not args, "ProxyV layers take their arguments by keyword"
+        return self._proxyv_forward(hidden_states, proxyv_plan, **kwargs)
+
+    def _proxyv_forward(self, hidden_states, plan: ProxyVPlan, position_embeddings=None, **kwargs):
+        attn = self.self_attn
+        layer_idx = attn.layer_idx
+        seq = plan.seq_len
+        if layer_idx == plan.start_layer:
+            hidden_states = hidden_states.contiguous()
+            hidden_states = torch.cat([hidden_states, plan.make_proxies(hidden_states)], dim=1)
+        batch, rows, _ = hidden_states.shape  # rows = T + P
+        queries = plan.query_index.shape[1]
+        cos_k, sin_k, cos_q, sin_q, bias = plan.layer_tables(position_embeddings, fresh=layer_idx == plan.start_layer)
+
+        normed = backbone_norm(self.input_layernorm, hidden_states)  # (B, T+P, H)
+        key, value = self._proxyv_kv(normed)
+        key = key.reshape(batch, rows, -1, attn.head_dim).transpose(1, 2)  # (B, kv_h, T+P, d)
+        value = value.reshape(batch, rows, -1, attn.head_dim).transpose(1, 2)
+        query = attn.q_proj(select_rows(normed, plan.query_rows))
+        query = query.view(batch, queries, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
+        query, key = apply_rope(query, cos_q, sin_q), apply_rope(key, cos_k, sin_k)
+
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:  # the cache gets the sequence's own keys/values, never the proxies'
+            cache.update(key[:, :, :seq], value[:, :, :seq], layer_idx)
+
+        attended = proxyv_attention(attn, query, key, value, plan.mask, bias).reshape(batch, queries, -1)
+        residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
+        out_q = residual + attn.o_proj(attended)
+        mlp_out = self._proxyv_mlp(backbone_norm(self.post_attention_layernorm, out_q))
+        vision_mlp = plan.modules.vision_mlps[str(layer_idx)]
+
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Both parts are written into one buffer, [query slots; vision slots], the vision slots updated in place;
+            # one row gather then lays the output out (scattering the two parts would write every row too, slower).
+            width = hidden_states.shape[-1]
+            split = batch * queries
+            buffer = hidden_states.new_empty(split + batch * plan.num_vision, width)
+            new_q = torch.add(out_q, mlp_out, out=buffer[:split].view(batch, queries, width))
+            vision = torch.index_select(hidden_states.reshape(-1, width), 0, plan.vision_rows, out=buffer[split:])
+            vision_mlp(vision.view(batch, -1, width), new_q[:, plan.num_text_slots :], plan.context, overwrite=True)
+            out = buffer.index_select(0, plan.split_rows).view(batch, -1, width)  # (B, T+P, H)
+        else:
+            out_q = out_q + mlp_out
+            vision = select_rows(hidden_states, plan.vision_rows)  # (B, V, H)
+            out_v = vision_mlp(vision, out_q[:, plan.num_text_slots :], plan.context)  # new proxies: (B, P, H)
+            out = plan.assemble(out_q, out_v)  # (B, T+P, H)
+        return out[:, :seq] if layer_idx == plan.last_layer else out  # the proxies end with the last layer
+
+
+_LAYER_CLASSES: dict[type, type] = {}
+
+
+def proxyv_layer_class(base: type) -> type:
+    """The ProxyV version of a decoder layer class (a subclass, so parameter names are unchanged)."""
+    if base not in _LAYER_CLASSES:
+        _LAYER_CLASSES[base] = type(f"ProxyV{base.__name__}", (ProxyVDecoderLayerMixin, base), {"__module__": __name__})
+    return _LAYER_CLASSES[base]
+
+
+class ProxyVInitMixin:
+    """Initial values of the ProxyV modules when a model is built from a config (loading never re-initialises)."""
+
+    def _init_weights(self, module):
+        if isinstance(module, (ProxyVRMSNorm, ProxyVZeroLinear, ProxyVLearnedProxies)):
+            init_proxyv_module(module, self.config.text_config.initializer_range)
+        else:
+            super()._init_weights(module)
+
+
+# Signature of the backbone's own forward, per ProxyV model class (see ProxyVModelMixin.forward).
+_FORWARD_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+class ProxyVModelMixin:
+    """The ProxyV parts of a LLaVA-family base model: the ProxyV layers, the `proxyv` modules, the plan of a forward
+    and the ProxyV-off switch. Subclasses say where each prompt's image grids are (`_image_grids`)."""
+
+    def _attach_proxyv(self, config) -> None:
+        """Swap the decoder layers from the start layer on for their ProxyV subclasses and add the ProxyV modules."""
+        layers = self.language_model.layers
+        for i in range(config.proxyv_start_layer, config.text_config.num_hidden_layers):
+            layers[i] = proxyv_layer_class(type(layers[i]))(config.text_config, i)
+        self.proxyv = ProxyVModules(config)
+        self._proxyv_off = 0
+        self.post_init()
+
+    @property
+    def proxyv_active(self) -> bool:
+        return bool(self.config.proxyv_enabled) and not self._proxyv_off
+
+    def fuse_projections(self, enabled: bool = True) -> None:
+        """Lay each ProxyV layer's key/value and gate/up weights out in one tensor each (no copy is kept), so a ProxyV
+        layer runs one matrix product for each pair (where no gradient needs the weights themselves, and not under
+        torch.compile). Parameter names, shapes and values are unchanged, and so is the model with ProxyV off.
+        `enabled=False` keeps (or puts back) separate weights and products. Without a call, the first ProxyV forward
+        on a device decides: fused on CUDA (faster there, eager and in CUDA graphs), separate elsewhere (on CPU the
+        separate products measured a little faster); see benchmarks/results/h100-2026-11-27b."""
+        self._set_fusion(enabled)
+        self._proxyv_fusion = "chosen"  # the forward leaves the layout alone from now on
+
+    def _set_fusion(self, enabled: bool) -> None:
+        for layer in self.language_model.layers[self.config.proxyv_start_layer :]:
+            layer.fuse_projections(enabled)
+
+    @contextlib.contextmanager
+    def proxyv_disabled(self) -> Iterator[None]:
+        """Within this block the model computes exactly what the original LLaVA model computes."""
+        self._proxyv_off += 1
+        try:
+            yield
+        finally:
+            self._proxyv_off -= 1
+
+    def _image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embed = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embed).all(-1)
+
+    def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
+        raise NotImplementedError
+
+    def _make_plan(self, arguments: dict, device: torch.device | None = None) -> ProxyVPlan | None:
+        """The plan of a forward with these arguments, built now, its tensors on `device` (default: where the inputs
+        are). From host-side inputs (token ids and attention mask on the CPU) with the model's device, it needs no copy
+        from the device, so nothing waits for work already queued there (a CUDA-graph prefill builds the plan this
+        way while the layers before the start layer run, see `proxyv_convert.bench.Runner.cuda_graph_prefill`)."""
+        return self._pending_plan(arguments, device).get()
+
+    def _pending_plan(self, arguments: dict, device: torch.device | None = None) -> ProxyVPendingPlan:
+        """The plan of a forward with these arguments, to be built when the first ProxyV layer asks for it. The one
+        device-to-host copy it needs (the image-token mask and the prompt's attention mask together; none for
+        host-side inputs) starts now without waiting, so the host goes on queueing the vision tower and the layers
+        before the start layer, and builds the plan while the device runs them."""
+        image_mask = self._image_token_mask(arguments.get("input_ids"), arguments.get("inputs_embeds"))
+        attention_mask = arguments.get("attention_mask")
+        seq = image_mask.shape[1]
+        device = image_mask.device if device is None else torch.device(device)
+        two_d = attention_mask is not None and attention_mask.dim() == 2
+        masks = torch.cat([image_mask, attention_mask[:, -seq:].bool()]) if two_d else image_mask
+        copied = None
+        if masks.device.type == "cuda":  # into pinned memory: a copy into pageable memory would wait for the device
+            masks = torch.empty(masks.shape, dtype=masks.dtype, pin_memory=True).copy_(masks, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(image_mask.device))
+        else:
+            masks = masks.cpu()
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        cached = 0 if cache is None else cache.get_seq_length()  # before this forward's layers add to it
+
+        def build() -> ProxyVPlan | None:
+            if copied is not None:
+                copied.synchronize()
+            image_mask = masks[: len(masks) // 2] if two_d else masks
+            if not bool(image_mask.any()):
+                return None
+            if attention_mask is not None and not two_d:
+                raise ValueError("ProxyV takes a 2-D attention mask (batch, sequence) of ones and zeros")
+            if arguments.get("output_attentions") or self.config.output_attentions:
+                raise ValueError(
+                    "output_attentions is not available with ProxyV on; use `with model.proxyv_disabled():`")
+            if cached > 0:
+                raise ValueError(
+                    f"ProxyV prefills images only at the start of a sequence (the cache already holds {cached} "
+                    "tokens); pass the whole prompt in one call"
+                )
+            fusion = self.__dict__.get("_proxyv_fusion")
+            if fusion != "chosen" and fusion != device.type:  # the first ProxyV forward on this kind of device
+                self._set_fusion(device.type == "cuda")
+                self._proxyv_fusion = device.type
+            return ProxyVPlan(
+                image_mask, masks[len(masks) // 2 :] if two_d else None, self._image_grids(image_mask, arguments),
+                device=device, modules=self.proxyv, **self._plan_settings,
+            )
+
+        return ProxyVPendingPlan(build)
+
+    @functools.cached_property
+    def _plan_settings(self) -> dict:
+        """The plan's settings from the config, read once per model (a config attribute read costs microseconds, and
+        a plan needs a dozen of them)."""
+        config, text = self.config, self.config.text_config
+        return {
+            "factor": config.proxyv_reduce_factor,
+            "start_layer": config.proxyv_start_layer,
+            "num_layers": text.num_hidden_layers,
+            "sliding_window": getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True)
+            else None,
+            "learned": config.proxyv_learned_proxies if config.proxyv_proxy == "learned" else None,
+        }
+
+    @staticmethod
+    def _decoding(args: tuple, kwargs: dict) -> bool:
+        """A decoding step: token ids continuing a sequence the cache already holds, with no images. ProxyV has no
+        work there, so the forward does not even look for image tokens (a device-to-host copy per step)."""
+        images = ("pixel_values", "inputs_embeds", "mm_encoder_outputs")
+        if args or any(kwargs.get(name) is not None for name in images):
+            return False
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return cache is not None and cache.get_seq_length() > 0
+
+    def forward(self, *args, **kwargs):
+        if not self.proxyv_active or self._decoding(args, kwargs):
+            return super().forward(*args, **kwargs)
+        signature = _FORWARD_SIGNATURES.get(type(self))
+        if signature is None:  # once per class, not on every decode step
+            signature = _FORWARD_SIGNATURES[type(self)] = inspect.signature(super().forward)
+        arguments = signature.bind(*args, **kwargs).arguments
+        arguments.update(arguments.pop("kwargs", {}))
+        plan = self._pending_plan(arguments)
+        return_dict = arguments.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        outputs = super().forward(**arguments, proxyv_plan=plan.argument_for(self.language_model), return_dict=True)
+        built = plan.get()  # None: no image in the prompts, the forward was the original one
+        if built is not None and outputs.hidden_states is not None:  # drop the proxies carried between layers
+            outputs.hidden_states = tuple(h[:, : built.seq_len] for h in outputs.hidden_states)
+        return outputs if return_dict else outputs.to_tuple()
+
+
+class ProxyVHeadMixin:
+    """The ProxyV switch and parameters, on the model with the language-modeling head."""
+
+    def proxyv_disabled(self):
+        """Within this block the model computes exactly what the original model computes."""
+        return self.model.proxyv_disabled()
+
+    def fuse_projections(self, enabled: bool = True) -> None:
+        """See ProxyVModelMixin.fuse_projections."""
+        self.model.fuse_projections(enabled)
+
+    def proxyv_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters ProxyV adds (the only ones distillation trains)."""
+        return ((f"model.proxyv.{name}", p) for name, p in self.model.proxyv.named_parameters())
+
+
+def contiguous_images(rows: np.ndarray, sizes: list[int]) -> list[int]:
+    """Start rows of consecutive images of `sizes` tokens among the image-token `rows` of one prompt."""
+    starts, position = [], 0
+    for size in sizes:
+        start = int(rows[position])
+        if int(rows[position + size - 1]) - start != size - 1:
+            raise ValueError(f"each image's {size} image tokens must be contiguous in the prompt")
+        starts.append(start)
+        position += size
+    return starts
+
+
+# --- LLaVA (1.5) ----------------------------------------------------------------------------------------------------
+
+
+class ProxyVLlavaPreTrainedModel(ProxyVInitMixin, LlavaPreTrainedModel):
+    config_class = ProxyVLlavaConfig
+    config: ProxyVLlavaConfig
+
+
+class ProxyVLlavaModel(ProxyVModelMixin, ProxyVLlavaPreTrainedModel, LlavaModel):
+    """LLaVA model (vision tower, projector, language model) whose decoder layers from the start layer on run ProxyV."""
+
+    def __init__(self, config: ProxyVLlavaConfig):
+        LlavaModel.__init__(self, config)
+        self._attach_proxyv(config)
+
+    @functools.cached_property
+    def _grid_shape(self) -> tuple[tuple[int, int], int]:
+        """((rows, columns) of an image's grid, image tokens per image), read from the config once per model."""
+        side, per_image = vision_grid(self.config)
+        return ((side, side) if self.config.proxyv_proxy == "spatial" else (1, per_image)), per_image
+
+    def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
+        """Each prompt's images: runs of grid x grid image tokens, one image after another (learned proxies take any
+        number of tokens per image, as one row)."""
+        (height, width), per_image = self._grid_shape
+        grids = []
+        for sample in image_mask.numpy():
+            rows = np.flatnonzero(sample)
+            if len(rows) % per_image:
+                raise ValueError(
+                    f"ProxyV needs whole images of {per_image} image tokens in one forward, but a prompt has "
+                    f"{len(rows)} image tokens"
+                )
+            starts = contiguous_images(rows, [per_image] * (len(rows) // per_image))
+            grids.append([ProxyVGrid(start, height, width, width) for start in starts])
+        return grids
+
+
+class ProxyVLlavaForConditionalGeneration(ProxyVHeadMixin, ProxyVLlavaPreTrainedModel, LlavaForConditionalGeneration):
+    """LLaVA with a language-modeling head whose language model runs ProxyV from the start layer on."""
+
+    def __init__(self, config: ProxyVLlavaConfig):
+        ProxyVLlavaPreTrainedModel.__init__(self, config)
+        self.model = ProxyVLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+# --- LLaVA-NeXT (AnyRes) --------------------------------------------------------------------------------------------
+
+
+class ProxyVLlavaNextPreTrainedModel(ProxyVInitMixin, LlavaNextPreTrainedModel):
+    config_class = ProxyVLlavaNextConfig
+    config: ProxyVLlavaNextConfig
+
+
+class ProxyVLlavaNextModel(ProxyVModelMixin, ProxyVLlavaNextPreTrainedModel, LlavaNextModel):
+    """LLaVA-NeXT model whose decoder layers from the start layer on run ProxyV.
+
+    Each image is a base crop (a grid x grid token grid) followed by its high-resolution crops, arranged side by side,
+    unpadded to the image's aspect ratio, with a newline token closing every row. Proxies are made per grid: the base
+    grid and the high-resolution grid (downsampled to ceil(rows / factor) x ceil(columns / factor)); the newline
+    tokens are computed like text.
+    """
+
+    def __init__(self, config: ProxyVLlavaNextConfig):
+        LlavaNextModel.__init__(self, config)
+        self._attach_proxyv(config)
+
+    def image_layout(self, image_size: list[int]) -> tuple[int, list[tuple[int, int, int, int]]]:
+        """(token count, [(offset, rows, columns, stride) of each grid]) of one image of `image_size` (height, width),
+        as LlavaNextModel.pack_image_features lays it out (transformers' own functions give the shapes)."""
+        side = self.config.proxyv_grid
+        crops_high, crops_wide = get_anyres_image_grid_shape(
+            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        )
+        height, width = unpad_image(torch.empty(1, crops_high * side, crops_wide * side), image_size).shape[1:]
+        base = (0, side, side, side)
+        high_resolution = (side * side, height, width, width + 1)
+        return side * side + height * (width + 1), [base, high_resolution]
+
+    def get_image_features(self, pixel_values, image_sizes, *args, **kwargs):
+        output = super().get_image_features(pixel_values, image_sizes, *args, **kwargs)
+        if not isinstance(output, tuple):  # generate() may pass the features on without image_sizes: keep them here
+            output.proxyv_image_sizes = image_sizes
+        return output
+
+    def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
+        image_sizes = arguments.get("image_sizes")
+        if image_sizes is None:
+            encoded = (arguments.get("mm_encoder_outputs") or {}).get("image")
+            image_sizes = getattr(encoded, "proxyv_image_sizes", None)
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT prompts with images need `image_sizes` (the processor returns them)")
+        known = self.__dict__.setdefault("_proxyv_layouts", {})  # image size -> layout, read from the config once
+        layouts = []
+        for size in torch.as_tensor(image_sizes).tolist():
+            if tuple(size) not in known:
+                known[tuple(size)] = self.image_layout(size)
+            layouts.append(known[tuple(size)])
+        grids, image = [], 0
+        for sample in image_mask.numpy():
+            rows = np.flatnonzero(sample)
+            sizes, total = [], 0
+            while total < len(rows):
+                if image == len(layouts):
+                    raise ValueError("the prompts have more image tokens than `image_sizes` describes")
+                sizes.append(layouts[image][0])
+                total += layouts[image][0]
+                image += 1
+            if total != len(rows):
+                raise ValueError(f"a prompt has {len(rows)} image tokens but its images need {total}")
+            starts = contiguous_images(rows, sizes)
+            first = image - len(sizes)
+            grids.append([
+                ProxyVGrid(start + offset, height, width, stride)
+                for start, (_, parts) in zip(starts, layouts[first:image], strict=True)
+                for offset, height, width, stride in parts
+            ])
+        return grids
+
+
+class ProxyVLlavaNextForConditionalGeneration(
+    ProxyVHeadMixin, ProxyVLlavaNextPreTrainedModel, LlavaNextForConditionalGeneration
+):
+    """LLaVA-NeXT with a language-modeling head whose language model runs ProxyV from the start layer on."""
+
+    def __init__(self, config: ProxyVLlavaNextConfig):
+        ProxyVLlavaNextPreTrainedModel.__init__(self, config)
+        self.model = ProxyVLlavaNextModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "ProxyVLlavaForConditionalGeneration",
+    "ProxyVLlavaModel",
+    "ProxyVLlavaNextForConditionalGeneration",
+    "ProxyVLlavaNextModel",
+    "ProxyVLlavaNextPreTrainedModel",
+    "ProxyVLlavaPreTrainedModel",
+]
