@@ -8,7 +8,6 @@ holds a placeholder.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import importlib.metadata
 import json
 import re
@@ -59,7 +58,7 @@ def model_card(folder: str | Path, *, repo_id: str | None = None, revision: str 
     source = _base_model(sections, config)
     name = repo_id or folder.resolve().name
     parts = [
-        _front_matter(source, sections),
+        _front_matter(source, sections, family_of(config).tags),
         f"# {name}\n",
         _summary(config, sections, source),
         _model_table(folder, config, sections),
@@ -154,7 +153,7 @@ def _report(path: Path, render: Callable[..., str], *args: Any) -> str:
         raise ProxyVError(f"{path} lacks expected fields ({type(e).__name__}: {e}); write the report again") from None
 
 
-def _front_matter(source: tuple[str, bool] | None, sections: dict[str, Any]) -> str:
+def _front_matter(source: tuple[str, bool] | None, sections: dict[str, Any], tags: tuple[str, ...]) -> str:
     model = sections.get("model", {})
     # The base model's licence, as `proxyv convert` read it from the source's card; unknown -> no key at all.
     meta: dict[str, Any] = {key: model[key] for key in LICENSE_KEYS if model.get(key)}
@@ -167,7 +166,7 @@ def _front_matter(source: tuple[str, bool] | None, sections: dict[str, Any]) -> 
         meta["base_model_relation"] = "finetune"
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "image-text-to-text"
-    meta["tags"] = ["proxyv", "llava", "image-text-to-text", "custom_code"]
+    meta["tags"] = ["proxyv", *tags, "image-text-to-text", "custom_code"]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, default_flow_style=False) + "---\n"
 
 

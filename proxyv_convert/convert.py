@@ -1,7 +1,7 @@
 """`proxyv convert`: turn a LLaVA checkpoint into a ProxyV checkpoint, streaming tensors from disk to disk.
 
 The output holds the original tensors unchanged (bit-for-bit, unless --dtype casts them) under the native state_dict
-names of `ProxyVLlavaForConditionalGeneration`, plus freshly initialised ProxyV tensors (`model.proxyv.*`), the
+names of the family's ProxyV model, plus freshly initialised ProxyV tensors (`model.proxyv.*`), the
 config with `auto_map`, the model code, the source's processor and tokenizer files, and the resolved recipe.
 Peak memory is the Python/torch baseline plus a few MB: tensors are copied (or cast) in chunks, ProxyV modules are
 initialised one layer at a time, and the model itself only ever exists on the meta device.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from transformers import LlavaConfig
+from transformers import LlavaConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils.hub import convert_file_size_to_int
 
 from .atomic import atomic_output, check_output
@@ -33,8 +33,7 @@ from .config import Dtype, provenance, write_recipe
 from .errors import ProxyVError
 from .families import FAMILIES, family_of
 from .model_folder import PROXYV_PREFIX, canonical_code
-from .remote.configuration_proxyv import ProxyVLlavaConfig
-from .remote.modeling_proxyv import ProxyVLlavaForConditionalGeneration, init_proxyv_module
+from .remote.modeling_proxyv import init_proxyv_module
 from .safetensors_stream import (
     FLOAT_DTYPES,
     OutputTensor,
@@ -138,7 +137,7 @@ def convert(
 
 
 def proxyv_config(src: Source, llava: LlavaConfig, layer: int, reduce_factor: int, proxy: str = "spatial",
-                  learned_proxies: int | None = None) -> ProxyVLlavaConfig:
+                  learned_proxies: int | None = None) -> PretrainedConfig:
     family = FAMILIES[llava.model_type]
     try:
         config = family.config.from_llava_config(
@@ -170,7 +169,7 @@ def target_name(key: str, vision: str, rules: tuple[tuple[str, str], ...]) -> st
 
 
 def match_weights(
-    source: str, weights: dict[str, TensorInfo], model: ProxyVLlavaForConditionalGeneration,
+    source: str, weights: dict[str, TensorInfo], model: PreTrainedModel,
     rules: tuple[tuple[str, str], ...],
 ) -> dict[str, TensorInfo]:
     """{native name: source tensor} for every parameter of `model` except the ProxyV ones and absent tied weights.
@@ -239,7 +238,7 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def proxyv_tensors(model: ProxyVLlavaForConditionalGeneration, dtype: str) -> list[OutputTensor]:
+def proxyv_tensors(model: PreTrainedModel, dtype: str) -> list[OutputTensor]:
     """Output tensors for the ProxyV parameters of a meta-device model, initialised one VisionMLP at a time.
 
     The values equal `torch.manual_seed(INIT_SEED); ProxyVModules(config).reset_parameters(std)` (one RNG stream,
@@ -310,7 +309,7 @@ def convert_command(
     return shlex.join(args)
 
 
-def write_folder_files(folder: Path, src: Source, config: ProxyVLlavaConfig, dtype: str, command: str) -> None:
+def write_folder_files(folder: Path, src: Source, config: PretrainedConfig, dtype: str, command: str) -> None:
     """Everything but the weights: config, model code, processor/tokenizer files, recipe."""
     config.to_json_file(folder / "config.json")
     for name, data in canonical_code().items():

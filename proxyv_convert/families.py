@@ -74,6 +74,7 @@ class Family:
     image_inputs: tuple[str, ...]  # processor outputs a forward with images needs beside the token ids and mask
     synthetic_images: SyntheticImages  # benchmark inputs
     label: str  # the model card's architecture row
+    tags: tuple[str, ...]  # the model card's Hub tags for the family
     proxies_note: str  # the model card's proxy row, after the per-grid count ("" when nothing to add)
 
     @property
@@ -95,13 +96,13 @@ FAMILIES: dict[str, Family] = {
         Family(
             model_type="llava", config=ProxyVLlavaConfig, base=ProxyVLlavaModel,
             head=ProxyVLlavaForConditionalGeneration, key_rules=LLAVA_KEY_RULES, image_inputs=("pixel_values",),
-            synthetic_images=_llava_images, label="LLaVA", proxies_note="",
+            synthetic_images=_llava_images, label="LLaVA", tags=("llava",), proxies_note="",
         ),
         Family(
             model_type="llava_next", config=ProxyVLlavaNextConfig, base=ProxyVLlavaNextModel,
             head=ProxyVLlavaNextForConditionalGeneration, key_rules=LLAVA_NEXT_KEY_RULES,
             image_inputs=("pixel_values", "image_sizes"), synthetic_images=_llava_next_images,
-            label="LLaVA-NeXT (AnyRes crops, newline tokens computed like text)",
+            label="LLaVA-NeXT (AnyRes crops, newline tokens computed like text)", tags=("llava", "llava_next"),
             proxies_note=" per crop grid; the high-resolution grid is downsampled by the same factor",
         ),
     )
