@@ -417,7 +417,8 @@ def test_copy_and_cast_in_many_small_chunks_is_exact(tiny, tmp_path, monkeypatch
 
 
 def test_key_rules_cover_every_layout():
-    rules = functools.partial(convert_module.target_name, vision="")
+    next_rules = FAMILIES["llava_next"].key_rules
+    rules = functools.partial(convert_module.target_name, vision="", rules=next_rules)
     assert rules("language_model.lm_head.weight") == "lm_head.weight"
     assert (
         rules("language_model.model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj.weight"
@@ -433,9 +434,10 @@ def test_key_rules_cover_every_layout():
     assert rules("multi_modal_projector.linear_1.weight") == "model.multi_modal_projector.linear_1.weight"
     assert rules("model.language_model.norm.weight") == "model.language_model.norm.weight"
     assert (
-        convert_module.target_name("vision_tower.post_layernorm.bias", "vision_model.")
+        convert_module.target_name("vision_tower.post_layernorm.bias", "vision_model.", next_rules)
         == "model.vision_tower.vision_model.post_layernorm.bias"
     )
     assert rules("image_newline") == "model.image_newline"  # LLaVA-NeXT
     assert rules("model.image_newline") == "model.image_newline"
+    assert convert_module.target_name("image_newline", "", FAMILIES["llava"].key_rules) is None  # not LLaVA's
     assert rules("something_else") is None
