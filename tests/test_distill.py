@@ -352,3 +352,17 @@ def test_a_distilled_copy_inherits_no_report_of_the_source(model_copy, tmp_path)
     assert all((model / name).read_text() == text for name, text in stale.items()), "the source is untouched"
     distill(model, str(data), settings=DistillSettings(**{**SETTINGS, "steps": 1}), progress=False)
     assert not (model / "eval_report.json").exists() and (model / "bench_report.json").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mixed_precision_bf16(tmp_path, dtype):
+    """`--mixed-precision bf16` (what the real recipes use) on a float32 and on a bfloat16 model: float32 ProxyV
+    weights under autocast, the held-out report and its generations in the same precision."""
+    source = save_tiny_llava(tmp_path / "source", seed=5)
+    convert(str(source), tmp_path / "m", layer=2, dtype=dtype, progress=False)
+    data = save_vqa(tmp_path / "data", train=4, validation=2)
+    settings = DistillSettings(steps=2, batch_size=2, warmup_steps=1, eval_examples=2, mixed_precision="bf16")
+    result = distill(tmp_path / "m", str(data), settings=settings, progress=False)
+    assert result.report["after"]["task"]["examples"] == 2 and 0 <= result.report["after"]["top1"] <= 1
+    stored = {info.dtype for name, info in read_checkpoint(tmp_path / "m").items() if name.startswith("model.proxyv.")}
+    assert stored == {"F32" if dtype == "float32" else "BF16"}, "the ProxyV tensors keep their stored dtype"
