@@ -61,6 +61,20 @@ class Batcher:
         image_mask = inputs["input_ids"] == self.image_token_id
         return Batch(inputs, image_mask, int(keep.sum()), skipped_images, skipped_long)
 
+    def image_ends(self, indices: list[int]) -> list[tuple[int, int]]:
+        """(tokens up to the end of the last image, image tokens) of each example whose image decodes: the example
+        fits when the first is at most max_length (as `_fit` decides), whatever the text after the image."""
+        ends = []
+        for index in indices:
+            image, prompt, answer = self.data.example(index)
+            if image is None:
+                continue
+            ids = self.processor(images=[image], text=[chat_text(self.processor, prompt, answer)],
+                                 return_tensors="pt")["input_ids"][0]
+            image_positions = torch.nonzero(ids == self.image_token_id).flatten()
+            ends.append((int(image_positions.max()) + 1 if len(image_positions) else 0, len(image_positions)))
+        return ends
+
     def _fit(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Examples whose image tokens all lie within max_length (the text after them may be cut)."""
         positions = torch.arange(input_ids.shape[1])

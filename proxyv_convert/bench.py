@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
-from .atomic import write_text
+from .atomic import folder_lock, write_text
 from .errors import ProxyVError
 from .families import family_of
 from .model_folder import BENCH_REPORT
@@ -494,7 +494,8 @@ def format_report(report: BenchReport) -> str:
 
 
 def write_report(folder: Path, report: BenchReport) -> Path:
-    return write_text(Path(folder) / BENCH_REPORT, report.to_json())
+    with folder_lock(Path(folder)):  # not while another command writes into the folder
+        return write_text(Path(folder) / BENCH_REPORT, report.to_json())
 
 
 def run_bench(

@@ -8,6 +8,7 @@ holds a placeholder.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.metadata
 import json
 import re
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .atomic import write_text
+from .atomic import folder_lock, write_text
 from .config import RECIPE_FILE, dump_recipe, read_recipe
 from .errors import ProxyVError
 from .families import family_of
@@ -78,8 +79,11 @@ def pinned_revision(card: str) -> str | None:
 
 
 def write_card(folder: str | Path, *, repo_id: str | None = None, revision: str | None = None) -> Path:
-    """Write the card to `folder/README.md` (replacing it atomically); returns its path."""
-    return write_text(Path(folder) / CARD_FILE, model_card(folder, repo_id=repo_id, revision=revision))
+    """Write the card to `folder/README.md` (replacing it atomically, under the folder's lock); returns its path."""
+    folder = Path(folder)
+    # a missing folder has nothing to lock: model_card says what is wrong with it
+    with folder_lock(folder) if folder.is_dir() else contextlib.nullcontext():
+        return write_text(folder / CARD_FILE, model_card(folder, repo_id=repo_id, revision=revision))
 
 
 # --- what the folder says --------------------------------------------------------------------------------------------

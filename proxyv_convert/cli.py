@@ -455,6 +455,11 @@ def bench(
             "dtype": "bench.dtype", "attn": "bench.attn",
         })
         require(v, model="MODEL")
+        from .config import build
+
+        # the options' bounds are the recipe's (`bench --batch-sizes 10000` is refused, not run out of memory)
+        build(BenchSection, {name: v["compile_model" if name == "compile" else name]
+                             for name in BenchSection.model_fields})
         use_threads(threads)
         report, path = run_bench(
             Path(v["model"]), batch_sizes=tuple(v["batch_sizes"]), images=tuple(v["images"]),
@@ -547,9 +552,28 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The `proxyv` entry point. Command-line mistakes (an unknown option, a value of the wrong type) are one line on
+    stderr and exit code 2, like every other bad input."""
+    try:
+        from typer._click import exceptions as click_errors  # typer's own copy of click (0.2x)
+    except ImportError:
+        from click import exceptions as click_errors
 
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="proxyv", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx else str(e))
+        sys.exit(2)
+    except click_errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "proxyv"
+        typer.echo(f"error: {' '.join(e.format_message().split())} (see `{where} --help`)", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 if __name__ == "__main__":
     main()

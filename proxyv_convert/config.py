@@ -22,10 +22,11 @@ import datetime
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from . import __version__
 from .errors import ProxyVError
@@ -36,9 +37,30 @@ RECIPE_FILE = "recipe.yaml"
 SECTIONS = ("model", "proxyv", "distill", "eval", "bench", "push", "provenance")
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
+# Sanity bounds: far above any real run, low enough that a typo (an extra zero, 1e29, inf) is refused up front
+# instead of running out of memory or time hours later.
+MAX_STEPS = 10_000_000  # optimizer steps, checkpoint interval, warm-up
+MAX_DISTILL_BATCH = 4096  # examples per micro-batch (distill) and per generate call (eval)
+MAX_ACCUMULATION = 1024  # micro-batches per optimizer step
+MAX_LENGTH = 1_048_576  # tokens per training sequence
+MAX_EXAMPLES = 1_000_000  # held-out / evaluated examples
+MAX_LR = 1.0
+MAX_LOSS_WEIGHT = 1000.0  # each term of the distillation loss
+MAX_GRAD_NORM = 1e6
+MAX_SEED = 2**32 - 1
+MAX_LAYER = 10_000
+MAX_REDUCE_FACTOR = 1024
+MAX_LEARNED_PROXIES = 65_536  # per image grid; the model's check also caps them at the grid's token count
+MAX_BENCH_BATCH = 1024
+MAX_BENCH_IMAGES = 64  # images per prompt
+MAX_BENCH_VALUES = 64  # values in one list option (batch sizes, images)
+MAX_TEXT_TOKENS = 65_536
+MAX_REPEATS = 10_000
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: every float of every section (learning rate, loss weights, ...) must be finite
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -52,11 +74,11 @@ class ModelSection(Section):
 
 
 class ProxyVSection(Section):
-    start_layer: int = Field(ge=0)
-    reduce_factor: int = Field(default=4, ge=1)
+    start_layer: int = Field(ge=0, le=MAX_LAYER)
+    reduce_factor: int = Field(default=4, ge=1, le=MAX_REDUCE_FACTOR)
     vision_mlp: Literal["residual"] = "residual"
     proxy: Literal["spatial", "learned"] = "spatial"
-    learned_proxies: int | None = Field(default=None, ge=1)
+    learned_proxies: int | None = Field(default=None, ge=1, le=MAX_LEARNED_PROXIES)
 
 
 class Columns(Section):
@@ -72,25 +94,43 @@ class Columns(Section):
 class DistillSettings(Section):
     """How `proxyv distill` trains (everything but the data)."""
 
-    steps: int = Field(default=300, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    lr: float = Field(default=3e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_steps: int = Field(default=10, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    max_length: int = Field(default=2048, ge=1)
+    steps: int = Field(default=300, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(default=8, ge=1, le=MAX_DISTILL_BATCH)
+    lr: float = Field(default=3e-3, gt=0, le=MAX_LR)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    warmup_steps: int = Field(default=10, ge=0, le=MAX_STEPS)
+    max_grad_norm: float = Field(default=1.0, gt=0, le=MAX_GRAD_NORM)
+    max_length: int = Field(default=2048, ge=1, le=MAX_LENGTH)
     hidden_loss: Literal["relative", "mse", "cosine"] = "relative"
-    vision_weight: float = Field(default=1.0, ge=0)
-    text_weight: float = Field(default=1.0, ge=0)
-    kl_weight: float = Field(default=1.0, ge=0)
-    checkpoint_every: int = Field(default=50, ge=1)
-    gradient_accumulation: int = Field(default=1, ge=1)
+    vision_weight: float = Field(default=1.0, ge=0, le=MAX_LOSS_WEIGHT)
+    text_weight: float = Field(default=1.0, ge=0, le=MAX_LOSS_WEIGHT)
+    kl_weight: float = Field(default=1.0, ge=0, le=MAX_LOSS_WEIGHT)
+    checkpoint_every: int = Field(default=50, ge=1, le=MAX_STEPS)
+    gradient_accumulation: int = Field(default=1, ge=1, le=MAX_ACCUMULATION)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     train_split: str = "train"
     eval_split: str = "validation"
-    eval_examples: int = Field(default=200, ge=1)
+    eval_examples: int = Field(default=200, ge=1, le=MAX_EXAMPLES)
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_steps(cls, value: int, info: ValidationInfo) -> int:
+        # the default warm-up may exceed a short run's steps (it is then cut short); a chosen one may not
+        steps = info.data.get("steps")
+        if steps is not None and value > steps and value != cls.model_fields["warmup_steps"].default:
+            raise PydanticCustomError("warmup_too_long", "must not exceed steps ({steps})", {"steps": steps})
+        return value
+
+    @field_validator("kl_weight")
+    @classmethod
+    def _some_loss(cls, value: float, info: ValidationInfo) -> float:
+        if value == 0 and info.data.get("vision_weight") == 0 and info.data.get("text_weight") == 0:
+            raise PydanticCustomError(
+                "no_loss", "the vision, text and KL weights are all 0, so nothing would be learned; keep one above 0",
+            )
+        return value
 
 
 class DistillSection(DistillSettings):
@@ -106,18 +146,20 @@ class EvalSection(Section):
     data: str = "shapes"
     data_revision: str | None = None
     split: str = "test"
-    limit: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=50, ge=1)
+    limit: int | None = Field(default=None, ge=1, le=MAX_EXAMPLES)
+    batch_size: int = Field(default=50, ge=1, le=MAX_DISTILL_BATCH)
     against_original: bool = False
     columns: Columns = Columns()
 
 
 class BenchSection(Section):
-    batch_sizes: list[int] = Field(default=[1], min_length=1)
-    images: list[int] = Field(default=[1], min_length=1)
-    text_tokens: int = Field(default=64, ge=1)
-    repeats: int = Field(default=10, ge=1)
-    warmup: int = Field(default=3, ge=0)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BENCH_BATCH)]] = Field(
+        default=[1], min_length=1, max_length=MAX_BENCH_VALUES)
+    images: list[Annotated[int, Field(ge=1, le=MAX_BENCH_IMAGES)]] = Field(
+        default=[1], min_length=1, max_length=MAX_BENCH_VALUES)
+    text_tokens: int = Field(default=64, ge=1, le=MAX_TEXT_TOKENS)
+    repeats: int = Field(default=10, ge=1, le=MAX_REPEATS)
+    warmup: int = Field(default=3, ge=0, le=MAX_REPEATS)
     compile: bool = False
     cuda_graph: bool = False
     device: str | None = None
@@ -160,7 +202,9 @@ def build(section: type[Section], values: dict[str, Any]) -> Section:
     except ValidationError as error:
         first = error.errors()[0]
         option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "an option"
-        raise ProxyVError(f"{option}: {first['msg']} (got {first.get('input')!r})") from None
+        got = repr(first.get("input"))
+        got = got if len(got) <= 80 else got[:77] + "..."  # one line, whatever was given
+        raise ProxyVError(f"{option}: {first['msg']} (got {got})") from None
 
 
 # --- recipe files ---------------------------------------------------------------------------------------------------
@@ -244,13 +288,75 @@ def parse_recipe(data: dict[str, Any], origin: str) -> Recipe:
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
     """(validated recipe, its file) from a path or a shipped recipe's name, with `key=value` overrides applied."""
     path = recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ProxyVError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    data = _load_yaml(path)
     if not isinstance(data, dict):
         raise ProxyVError(f"{path} must hold a mapping of sections (model, proxyv, ...)")
     return parse_recipe(apply_overrides(data, overrides or []), str(path)), path
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ProxyVError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise ProxyVError(f"{path} could not be read ({error.strerror or error})") from None
+
+
+def _load_yaml(path: Path) -> Any:
+    """The YAML document of a file; ProxyVError for text that is not UTF-8, not YAML, or nested too deeply."""
+    text = _read_text(path)
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ProxyVError(f"{path} is not valid YAML ({first})") from None
+    except RecursionError:
+        raise ProxyVError(f"{path} nests too deeply to be a recipe") from None
+
+
+def read_config_json(config_path: Path) -> dict[str, Any]:
+    """A model's config.json as a mapping, with the JSON types of the keys read before transformers parses it (a
+    list where a mapping belongs would otherwise fail deep inside transformers); ProxyVError otherwise."""
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, hostile nesting
+        raise ProxyVError(f"{config_path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise ProxyVError(f"{config_path} must hold a JSON object (the model's configuration), not a "
+                          f"{type(raw).__name__}")
+    expected = {"model_type": str, "auto_map": dict, "text_config": dict, "vision_config": dict}
+    for key, kind in expected.items():
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise ProxyVError(f"{config_path}: '{key}' must be a JSON {'string' if kind is str else 'object'}, "
+                              f"not {str(raw[key])[:60]!r}; the configuration is damaged")
+    return raw
+
+
+# Sizes that conversion divides by or builds (meta) tensors from: each must be a positive integer.
+POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "image_size", "patch_size")
+
+
+def load_model_config(config_path: Path, *, trust_remote_code: bool) -> Any:
+    """transformers' configuration object of a model folder's config.json, with its sizes checked; ProxyVError,
+    never a traceback, when the file is damaged."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(config_path.parent, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers fails in many ways on a damaged config: the user's file
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise ProxyVError(f"{config_path} could not be read as a model configuration ({message[:300]})") from None
+    for part in ("text_config", "vision_config"):
+        sub = getattr(config, part, None)
+        for key in POSITIVE_SIZES:
+            value = getattr(sub, key, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                             for v in values):
+                raise ProxyVError(f"{config_path}: {part}.{key} must be a positive integer, got {str(value)[:40]}")
+    return config
 
 
 def check_against_model(recipe: Recipe, origin: str) -> str:
@@ -261,9 +367,9 @@ def check_against_model(recipe: Recipe, origin: str) -> str:
     config_file = _source_config(recipe.model)
     if config_file is None:
         return "the model's configuration could not be read (offline?); layer and factor not checked"
-    from transformers import AutoConfig
-
-    llava = AutoConfig.from_pretrained(config_file.parent, trust_remote_code=recipe.model.trust_remote_code)
+    # the same checks as `convert`: a damaged config.json is a one-line error, not a traceback
+    read_config_json(config_file)
+    llava = load_model_config(config_file, trust_remote_code=recipe.model.trust_remote_code)
     if llava.model_type not in FAMILIES:
         raise ProxyVError(f"{origin}: model.source is a '{llava.model_type}' model; proxyv converts "
                           f"{', '.join(FAMILIES)}")
@@ -336,10 +442,9 @@ def read_recipe(folder: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
     path = Path(folder) / RECIPE_FILE
     if not path.is_file():
         raise ProxyVError(f"{folder} has no {RECIPE_FILE}; is it a folder written by `proxyv convert`?")
-    text = path.read_text()
-    try:
-        sections = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ProxyVError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    text = _read_text(path)
+    sections = _load_yaml(path)
+    if not isinstance(sections, dict):
+        raise ProxyVError(f"{path} must hold a mapping of sections (model, proxyv, ...); it is damaged")
     commands = [line[2:] for line in itertools.takewhile(lambda line: line.startswith("# "), text.splitlines())]
     return sections, commands

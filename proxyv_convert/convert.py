@@ -174,31 +174,41 @@ def match_weights(
 ) -> dict[str, TensorInfo]:
     """{native name: source tensor} for every parameter of `model` except the ProxyV ones and absent tied weights.
 
-    The mapping must be exact: same key count and shape on both sides; anything else means the checkpoint does not
-    belong to its config (or to a layout we know), and converting it would silently drop or invent weights.
+    The mapping must be exact: same key count, shape and kind of dtype on both sides; anything else means the
+    checkpoint does not belong to its config (or to a layout we know), and converting it would silently drop, invent
+    or garble weights (an I32 tensor where a float weight belongs has the right byte size but wrong values).
     """
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {name: tuple(t.shape) for name, t in state.items()}
     vision = "vision_model." if any(k.startswith("model.vision_tower.vision_model.") for k in expected) else ""
+    eight_bit = getattr(model.config, "quantization_config", None) is not None  # FP8 checkpoints store F8 weights
     matched: dict[str, TensorInfo] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, wrong_dtype = [], [], []
+    found: set[str] = set()  # model tensors with a source tensor, matching or not (those are not "missing")
     for key, info in weights.items():
         name = target_name(key, vision, rules)
         if name not in expected and STALE_BUFFERS.search(key):
             continue
-        if name not in expected or name in matched:
+        if name not in expected or name in found:
             unexpected.append(key)
+            continue
+        found.add(name)
+        if info.dtype not in (kinds := source_dtypes(state[name].dtype, eight_bit)):
+            # before the shape: a lying dtype often comes with a shape made to fit the bytes (I16 at twice the size)
+            wrong_dtype.append(f"{key} is {info.dtype}, expected {'/'.join(kinds) or state[name].dtype}")
         elif info.shape != expected[name]:
             mismatched.append(f"{key} is {list(info.shape)}, expected {list(expected[name])}")
         else:
             matched[name] = info
     may_be_absent = set(model.all_tied_weights_keys)
-    missing = [n for n in expected if n not in matched and not n.startswith(PROXYV_PREFIX) and n not in may_be_absent]
+    missing = [n for n in expected if n not in found and not n.startswith(PROXYV_PREFIX) and n not in may_be_absent]
     problems = [
         f"{len(group)} {what} ({', '.join(group[:3])}{', ...' if len(group) > 3 else ''})"
         for what, group in (
             ("unexpected tensors", unexpected),
             ("missing tensors", missing),
             ("shapes differ", mismatched),
+            ("dtypes differ", wrong_dtype),
         )
         if group
     ]
@@ -208,6 +218,23 @@ def match_weights(
     absent_tied = [n for n in may_be_absent if n not in matched]
     assert len(matched) + len(proxyv) + len(absent_tied) == len(expected), "every model tensor is accounted for once"
     return matched
+
+
+EIGHT_BIT_FLOATS = ("F8_E4M3", "F8_E5M2")
+INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
+
+
+def source_dtypes(dtype: torch.dtype, eight_bit: bool = False) -> tuple[str, ...]:
+    """The safetensors dtypes a source tensor may have for a model tensor of `dtype`: a floating parameter comes from
+    a floating tensor (8-bit floats only in a quantised checkpoint), an integer buffer from an integer one, a boolean
+    from BOOL. Copying bytes of another kind would load as garbage of the right size."""
+    if dtype.is_floating_point:
+        return FLOAT_DTYPES + (EIGHT_BIT_FLOATS if eight_bit else ())
+    if dtype == torch.bool:
+        return ("BOOL",)
+    if not dtype.is_complex:
+        return INTEGER_DTYPES
+    return ()
 
 
 def dominant_float_dtype(weights: Iterable[TensorInfo]) -> str:

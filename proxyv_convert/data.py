@@ -3,7 +3,8 @@
 `--data` may be:
   - `shapes`: the built-in task (generated deterministically and cached);
   - a folder written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict);
-  - a `.parquet`, `.jsonl` or `.json` file whose image column holds image paths (relative to the file) or bytes;
+  - a `.parquet`, `.jsonl` or `.json` file whose image column holds image paths or bytes; paths are relative to the
+    file and must stay inside its folder (see `_resolve_image_paths`);
   - a folder of images (with an optional `metadata.jsonl` holding prompts and answers, as `imagefolder` reads it);
   - a dataset name on the Hugging Face Hub (downloaded with `datasets`, honouring HF_ENDPOINT / HF_TOKEN).
 A split may select rows with Python slice syntax, `validation[:-500]` / `validation[-500:]`, so that one split
@@ -13,8 +14,14 @@ counted, never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import logging
+import os
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,20 +64,34 @@ class ImageTextData:
 
 
 def decode_image(value) -> Image.Image | None:
-    """An RGB image from a datasets Image value ({bytes, path}), a PIL image, bytes or a path; None if it fails."""
+    """An RGB image from a datasets Image value ({bytes, path}), a PIL image, bytes or a path; None if it fails.
+
+    Failing covers anything the value may be: bytes that are no image, a truncated or empty file, a missing path, a
+    value of the wrong type, and an image larger than PIL's decompression-bomb limit (a tiny file can claim 20000x20000
+    pixels: PIL raises DecompressionBombError beyond twice its MAX_IMAGE_PIXELS and warns beyond it; the warning
+    counts as a failure too, since decoding such an image takes gigabytes)."""
     try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, dict):
-            image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-        elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value))
-        else:
-            image = Image.open(value)
-        image.load()
-        return image.convert("RGB")
-    except (OSError, ValueError, TypeError, KeyError, SyntaxError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(value, Image.Image):
+                image = value
+            elif isinstance(value, dict):
+                image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else _open_file(value["path"])
+            elif isinstance(value, (bytes, bytearray)):
+                image = Image.open(io.BytesIO(value))
+            else:
+                image = _open_file(value)
+            image.load()
+            return image.convert("RGB")
+    except Exception:  # noqa: BLE001 - whatever the value holds, an image that does not decode is skipped and counted
         return None
+
+
+def _open_file(path) -> Image.Image:
+    # a path must name a regular file: a FIFO or a device (/dev/zero) would block or never end
+    if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
+        raise FileNotFoundError(path)
+    return Image.open(path)
 
 
 def load_data(
@@ -146,7 +167,7 @@ def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, dat
 
     if isinstance(loaded, datasets.Dataset):
         if split not in ("train", loaded.split and str(loaded.split)):
-            raise ProxyVError(f"{data} has a single split; ask for split 'train'")
+            raise ProxyVError(f"{data} has a single split, 'train'; there is no '{split}' split")
         return loaded
     if split not in loaded:
         raise ProxyVError(f"{data} has no '{split}' split; its splits: {', '.join(loaded)}")
@@ -160,11 +181,16 @@ def _load_local(path: Path, image_column: str) -> datasets.Dataset | datasets.Da
         fmt = TABLE_FORMATS.get(path.suffix.lower())
         if fmt is None:
             raise ProxyVError(f"{path} is not a .parquet, .jsonl or .json file")
-        try:
-            rows = datasets.load_dataset(fmt, data_files=str(path), split="train")
-        except Exception as error:  # noqa: BLE001 - any parse failure is the user's file
-            raise ProxyVError(f"{path} could not be read as {fmt}: {str(error).splitlines()[0]}") from None
-        return _resolve_image_paths(rows, path.parent, image_column)
+        if path.stat().st_size == 0:
+            raise ProxyVError(f"{path} is empty; it needs rows with an image column")
+        if fmt == "json":
+            _check_json_text(path)
+        with _datasets_quiet():  # its own log line would repeat the error below
+            try:
+                rows = datasets.load_dataset(fmt, data_files=str(path), split="train")
+            except Exception as error:  # noqa: BLE001 - any parse failure is the user's file
+                raise ProxyVError(f"{path} could not be read as {fmt}: {_reason(error)}") from None
+            return _resolve_image_paths(rows, path, image_column)
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         try:
             return datasets.load_from_disk(str(path))
@@ -177,18 +203,111 @@ def _load_local(path: Path, image_column: str) -> datasets.Dataset | datasets.Da
         return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
     except Exception as error:  # noqa: BLE001
         raise ProxyVError(
-            f"{path} is neither a save_to_disk folder nor a folder of images: {str(error).splitlines()[0]}"
+            f"{path} is neither a save_to_disk folder nor a folder of images: {_reason(error)}"
         ) from None
 
 
-def _resolve_image_paths(rows: datasets.Dataset, base: Path, column: str) -> datasets.Dataset:
-    """Image paths in a table are relative to the table's folder."""
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost cause of a library error (datasets wraps the parser's message), or its type."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def _datasets_quiet() -> Iterator[None]:
+    """No log lines or progress bars from datasets while it reads a local table (quick, and a bad table's error
+    must stay one line)."""
     import datasets
 
+    logger = logging.getLogger("datasets")
+    level, bars = logger.level, datasets.is_progress_bar_enabled()
+    logger.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _check_json_text(path: Path) -> None:
+    """A .json/.jsonl table must be UTF-8 text with some content; in a .jsonl file every non-blank line must be one
+    JSON object. Checked line by line here, so that the error names the line (the JSON reader says only "row 0")."""
+    lines = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ProxyVError(f"{path} line {number} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+                                  ) from None
+            if not line.strip():
+                continue
+            lines += 1
+            if path.suffix.lower() != ".jsonl":
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as error:
+                raise ProxyVError(f"{path} line {number} is not valid JSON ({str(error)[:200]})") from None
+            if not isinstance(row, dict):
+                raise ProxyVError(f"{path} line {number} is a JSON {type(row).__name__}, not an object with an "
+                                  "image column")
+    if not lines:
+        raise ProxyVError(f"{path} holds no rows (only blank lines); it needs rows with an image column")
+
+
+def _resolve_image_paths(rows: datasets.Dataset, table: Path, column: str) -> datasets.Dataset:
+    """Image paths in a table are relative to the table's folder, and must stay inside it: an absolute path, a `..`
+    that climbs out of the folder, or a symlink that leads out of it is a ProxyVError naming the row (a table must
+    not make proxyv read files it was not given). This holds for a column of path strings and for image values
+    ({bytes, path}) without bytes; paths are rewritten to the files they resolve to. A null path stays null (the row
+    is then skipped as undecodable)."""
+    import datasets
+
+    folder = table.parent.resolve()
     feature = rows.features.get(column)
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-        return rows.map(lambda row: {column: str(base / row[column])})
-    return rows
+        paths = {row: _inside(folder, value, row, table) for row, value in enumerate(rows[column]) if value}
+        return rows.map(lambda _, row: {column: paths.get(row)}, with_indices=True)
+    is_struct = isinstance(feature, dict) and "path" in feature
+    if not (isinstance(feature, datasets.Image) or is_struct):
+        return rows
+    import pyarrow.compute as pc
+
+    values = rows.with_format("arrow")[column]  # memory-mapped: no image bytes are copied
+    path_list = pc.struct_field(values, "path").to_pylist()
+    if "bytes" in [values.type.field(i).name for i in range(values.type.num_fields)]:
+        has_bytes = pc.fill_null(pc.greater(pc.binary_length(pc.struct_field(values, "bytes")), 0), False).to_pylist()
+    else:
+        has_bytes = [False] * len(path_list)
+    paths = {row: _inside(folder, value, row, table)
+             for row, (value, embedded) in enumerate(zip(path_list, has_bytes, strict=True)) if value and not embedded}
+    if not paths:
+        return rows
+    if isinstance(feature, datasets.Image):
+        rows = rows.cast_column(column, datasets.Image(decode=False))
+    return rows.map(lambda example, row: {column: {**example[column], "path": paths[row]}} if row in paths else {},
+                    with_indices=True)
+
+
+def _inside(folder: Path, value: str, row: int, table: Path) -> str:
+    """The resolved path of a table's image path, which must lie inside the table's (resolved) folder."""
+    try:
+        resolved = (folder / value).resolve()
+        inside = not Path(value).is_absolute() and resolved.is_relative_to(folder)
+    except (ValueError, OSError):  # a NUL byte, a name too long
+        inside = False
+    if not inside:
+        raise ProxyVError(
+            f"row {row + 1} of {table} names the image {str(value)[:200]!r}, which is outside the table's folder; "
+            "image paths must be relative to the table and stay inside its folder (no absolute paths, no '..' or "
+            "links out of it)"
+        )
+    return str(resolved)
 
 
 def _load_hub(name: str, revision: str | None) -> datasets.DatasetDict:

@@ -12,25 +12,31 @@ positions after the first image.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .atomic import check_writable, file_mode, folder_lock
 from .batching import Batch, Batcher
 from .config import RECIPE_FILE, Columns, DistillSettings, dump_recipe, read_recipe
 from .data import ImageTextData, load_data, parse_split
 from .errors import ProxyVError
+from .families import Family
 from .model_folder import CHECKPOINT_DIR, DISTILL_REPORT, folder_family, load_model
 from .threads import warn_if_busy
 from .weights import write_proxyv_weights
@@ -115,7 +121,7 @@ def distill_losses(model, student, teacher, batch: Batch, settings: DistillSetti
                     student.hidden_states[layer][mask], teacher.hidden_states[layer][mask], settings.hidden_loss
                 ).mean()
     losses = {name: value / len(layers) for name, value in terms.items()}
-    if settings.kl_weight > 0:
+    if settings.kl_weight > 0 and kl_positions(batch).any():  # none when max_length cuts right after the image
         student_logits, teacher_logits = kl_logits(model, student, teacher, batch)
         losses["kl"] = F.kl_div(
             F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
@@ -165,33 +171,115 @@ def step_indices(n: int, seed: int, step: int, global_batch: int) -> list[int]:
     return indices
 
 
+OPTIMIZER_TENSORS = "optimizer.safetensors"  # the tensors of the optimizer's and scheduler's state_dicts
+OPTIMIZER_STATE = "optimizer.json"  # the rest of them, with references to those tensors
+
+
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> None:
-    """Atomically replace the checkpoint in `folder` (ProxyV parameters, optimizer, schedule, progress)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    params = {name: p.detach().float().contiguous().cpu() for name, p in unwrap(model).model.proxyv.named_parameters()}
-    save_file(params, tmp / "proxyv.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """Atomically replace the checkpoint in `folder` (ProxyV parameters, optimizer, schedule, progress).
+
+    Nothing is pickled (tensors go to safetensors files, the rest to JSON), so resuming never runs code from a file.
+    The checkpoint is built in a folder created exclusively under an unpredictable name beside `folder` (a file or
+    symlink planted there is never written through), then renamed into place.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_checkpoint_leftovers(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".tmp"))
+    old = None
+    try:
+        os.chmod(tmp, file_mode(0o777))  # mkdtemp makes 0700 folders: give it the mode mkdir() would have
+        params = {name: p.detach().float().contiguous().cpu()
+                  for name, p in unwrap(model).model.proxyv.named_parameters()}
+        save_file(params, tmp / "proxyv.safetensors")
+        tensors: dict[str, torch.Tensor] = {}
+        saved = {"optimizer": _encode(optimizer.state_dict(), tensors),
+                 "scheduler": _encode(scheduler.state_dict(), tensors)}
+        save_file(tensors, tmp / OPTIMIZER_TENSORS)
+        (tmp / OPTIMIZER_STATE).write_text(json.dumps(saved))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if folder.is_symlink() or folder.is_file():
+            folder.unlink()  # not a checkpoint of ours: replaced, never followed
+        elif folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".old"))
+            folder.rename(old)  # over the empty folder just made
+        tmp.rename(folder)
+    except BaseException:
+        if old is not None and not folder.exists():
+            old.rename(folder)  # the previous checkpoint stays
+        elif old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_checkpoint_leftovers(folder: Path) -> None:
+    """Folders of a save that was killed (`.distill.*.tmp`, `.distill.*.old`, and the fixed names of older versions):
+    only the holder of the model folder's lock saves checkpoints, so they belong to no running command."""
+    for path in folder.parent.glob(f"{folder.name}.*"):
+        if path.suffix in (".tmp", ".old") and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Raise ProxyVError unless `folder` holds a checkpoint this version reads (older ones pickled the optimizer)."""
+    missing = [name for name in ("proxyv.safetensors", OPTIMIZER_TENSORS, OPTIMIZER_STATE, "state.json")
+               if not (folder / name).is_file()]
+    if missing:
+        raise ProxyVError(
+            f"the checkpoint in {folder} lacks {', '.join(missing)} (it is damaged, or from an older proxyv version, "
+            f"which this one does not read); delete {folder} to start over"
+        )
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+    """Restore what `save_checkpoint` wrote, with safetensors and JSON only: no file is ever unpickled."""
+    check_checkpoint(folder)
     params = load_file(folder / "proxyv.safetensors")
     proxyv = unwrap(model).model.proxyv
     with torch.no_grad():
         for name, param in proxyv.named_parameters():
             param.copy_(params[name].to(param.dtype))
-    saved = torch.load(folder / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    tensors = load_file(folder / OPTIMIZER_TENSORS)
+    try:
+        saved = json.loads((folder / OPTIMIZER_STATE).read_text())
+        optimizer_state, scheduler_state = _decode(saved["optimizer"], tensors), _decode(saved["scheduler"], tensors)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProxyVError(f"{folder / OPTIMIZER_STATE} is damaged ({e}); delete {folder} to start over") from None
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
     return json.loads((folder / "state.json").read_text())
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A state_dict as JSON data: containers tagged with their type (so that int keys and tuples come back as they
+    were), tensors moved into `tensors` and referenced by name. Python's JSON floats round-trip exactly."""
+    if isinstance(value, torch.Tensor):
+        name = str(len(tensors))
+        tensors[name] = value.detach().cpu().contiguous().clone()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        return {"dict": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [_encode(v, tensors) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__}")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if not isinstance(value, dict):
+        return value
+    ((kind, content),) = value.items()
+    if kind == "tensor":
+        return tensors[content]
+    if kind == "dict":
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in content}
+    if kind in ("list", "tuple"):
+        items = [_decode(v, tensors) for v in content]
+        return items if kind == "list" else tuple(items)
+    raise ValueError(f"unknown entry {kind!r}")
 
 
 # --- agreement with the teacher on held-out data -------------------------------------------------------------------
@@ -211,8 +299,11 @@ def agreement(model, batcher: Batcher, indices: list[int], batch_size: int, acce
         counts[name] = counts.get(name, 0) + values.shape[0]
 
     core.eval()
+    used = skipped_images = skipped_long = 0  # examples that do not fit max_length are skipped, as in training
     for first in range(0, len(indices), batch_size):
         batch = batcher(indices[first : first + batch_size])
+        used, skipped_images, skipped_long = (used + batch.used, skipped_images + batch.skipped_images,
+                                              skipped_long + batch.skipped_long)
         if batch.used == 0:
             continue
         batch.inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
@@ -229,7 +320,7 @@ def agreement(model, batcher: Batcher, indices: list[int], batch_size: int, acce
         add("kl", kl.sum(-1)[:, None])
         add("top1", (s_logits.argmax(-1) == t_logits.argmax(-1))[:, None])
     core.train()
-    result = {"examples": len(indices)}
+    result = {"examples": used, **_skipped(skipped_images, skipped_long)}
     for name, total in sums.items():
         mean = (total / max(counts[name], 1)).tolist()
         if name.startswith("cosine"):
@@ -240,25 +331,37 @@ def agreement(model, batcher: Batcher, indices: list[int], batch_size: int, acce
     return result
 
 
-def task_agreement(model, data: ImageTextData, indices: list[int], processor, batch_size: int, accelerator) -> dict:
+TASK_NEW_TOKENS = 16  # answers of the held-out report: short, and the generation is bounded whatever the model does
+
+
+def task_agreement(model, data: ImageTextData, indices: list[int], processor, batch_size: int, accelerator,
+                   max_length: int | None = None) -> dict:
     """Greedy answers with ProxyV on (student) and off (teacher): accuracy of each and how often they agree (in the
-    training's precision: float32 ProxyV weights on a low-precision model need its autocast)."""
-    from .evaluate import generate_answers, normalise
+    training's precision: float32 ProxyV weights on a low-precision model need its autocast). Examples whose prompt
+    is longer than `max_length` tokens are skipped and counted, as in training: their generation would be unbounded
+    in time and memory by anything but the prompt."""
+    from .evaluate import generate_answers, normalise, prompt_lengths
 
     core = unwrap(model)
     core.eval()
     student, teacher, answers = [], [], []
+    skipped_images = skipped_long = 0
     for first in range(0, len(indices), batch_size):
         examples = [data.example(i) for i in indices[first : first + batch_size]]
+        skipped_images += sum(e[0] is None for e in examples)
         examples = [e for e in examples if e[0] is not None]
+        if examples and max_length is not None:
+            lengths = prompt_lengths(processor, [e[0] for e in examples], [e[1] for e in examples])
+            skipped_long += sum(n > max_length for n in lengths)
+            examples = [e for e, n in zip(examples, lengths, strict=True) if n <= max_length]
         if not examples:
             continue
         images, prompts = [e[0] for e in examples], [e[1] for e in examples]
         answers += [e[2] for e in examples]
         with accelerator.autocast():
-            student += generate_answers(core, processor, images, prompts, max_new_tokens=16)
+            student += generate_answers(core, processor, images, prompts, max_new_tokens=TASK_NEW_TOKENS)
             with core.proxyv_disabled():
-                teacher += generate_answers(core, processor, images, prompts, max_new_tokens=16)
+                teacher += generate_answers(core, processor, images, prompts, max_new_tokens=TASK_NEW_TOKENS)
     core.train()
     def rate(first: list[str], second: list[str]) -> float:
         same = sum(normalise(x) == normalise(y) for x, y in zip(first, second, strict=True))
@@ -266,10 +369,17 @@ def task_agreement(model, data: ImageTextData, indices: list[int], processor, ba
 
     return {
         "examples": len(answers),
+        **_skipped(skipped_images, skipped_long),
         "student_accuracy": rate(student, answers),
         "teacher_accuracy": rate(teacher, answers),
         "answer_agreement": rate(student, teacher),
     }
+
+
+def _skipped(images: int, long: int) -> dict:
+    """The report's count of skipped held-out examples (absent when none was skipped)."""
+    counts = {"undecodable_images": images, "too_long": long}
+    return {"skipped": {k: v for k, v in counts.items() if v}} if images or long else {}
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
@@ -354,6 +464,29 @@ def check_images_decode(data: ImageTextData, indices: list[int], seed: int, prob
         )
 
 
+def check_lengths(batcher: Batcher, indices: list[int], seed: int, log=None, probe: int = 16) -> None:
+    """Fail early when most of the first examples the run would use do not fit in --max-length (each such example is
+    skipped: with none, or too few, left the run would train on nothing, at a loss of 0). "Too few" is fewer than
+    half of them. `log` (a message -> None) hears how many of them will be skipped when some but not most are."""
+    first = [indices[i] for i in step_indices(len(indices), seed, 0, min(probe, len(indices)))]
+    ends = batcher.image_ends(first)  # (tokens up to the end of the image, image tokens) of the decodable ones
+    max_length = batcher.max_length
+    long = sorted(end for end, _ in ends if end > max_length)
+    if not long:
+        return
+    if 2 * len(long) > len(ends):
+        needed = sorted(end for end, _ in ends)[(len(ends) - 1) // 2]  # the length at which at least half fit
+        image_tokens = min(tokens for _, tokens in ends)
+        which = "all" if len(long) == len(ends) else f"{len(long)}"
+        raise ProxyVError(
+            f"{which} of the first {len(ends)} examples are longer than --max-length {max_length} (the image alone "
+            f"takes {image_tokens} tokens, and they would be skipped); raise --max-length to at least {needed}"
+        )
+    if log is not None:
+        log(f"warning: {len(long)} of the first {len(ends)} examples are longer than --max-length {max_length} "
+            f"and will be skipped (counted in the report); raise --max-length to at least {long[-1]} to keep them")
+
+
 def lr_lambda(settings: DistillSettings):
     def factor(step: int) -> float:
         if step < settings.warmup_steps:
@@ -386,10 +519,6 @@ def distill(
     run's `distill` section and, with `record_command`, the equivalent `proxyv distill` command in its header (a
     pipeline that records its own command turns that off). `continue_with` tells the user how to continue an
     interrupted run (a pipeline has its own way)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-    from transformers import AutoProcessor
-
     settings = settings or DistillSettings()
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else None
@@ -398,6 +527,26 @@ def distill(
         raise ProxyVError(f"{model_dir} is not a ProxyV model folder; make one with `proxyv convert`")
     if out is not None and out.exists() and not resume:
         raise ProxyVError(f"{out} already exists; choose another --out or remove it")
+    # Before any long work: where the checkpoints and the result go must be writable
+    for folder in (checkpoint_folder(model_dir, out), model_dir if out is None else out.parent):
+        check_writable(folder)
+    # The main process alone writes, so it alone holds the lock: of the model folder, or with --out of the hidden
+    # folder beside `out` that holds the checkpoints (created for the run, and removed when empty)
+    main = os.environ.get("RANK", "0") == "0"
+    locked = model_dir if out is None else checkpoint_folder(model_dir, out).parent
+    with folder_lock(locked, create=out is not None) if main else contextlib.nullcontext():
+        return _distill_locked(model_dir, data, family, settings, out, resume, columns, revision, progress,
+                               record_command, continue_with)
+
+
+def _distill_locked(model_dir: Path, data: str, family: Family, settings: DistillSettings, out: Path | None,
+                    resume: bool, columns: Columns, revision: str | None, progress: bool, record_command: bool,
+                    continue_with: str) -> DistillResult:
+    """The rest of `distill`, while the folder it writes into is locked."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from transformers import AutoProcessor
+
     checkpoints = checkpoint_folder(model_dir, out)
     if checkpoints.exists() and not resume:
         raise ProxyVError(
@@ -406,7 +555,13 @@ def distill(
         )
     if resume and not checkpoints.exists():
         raise ProxyVError(f"there is nothing to resume: no checkpoint in {checkpoints}")
+    if resume:
+        check_checkpoint(checkpoints)  # before the model loads
 
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process may distill again with another precision: accelerate
+        AcceleratorState._reset_state()  # keeps the first run's state for the process otherwise, and refuses a change
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # so that `accelerate launch --multi_gpu` also runs CPU processes (gloo)
         mixed_precision=settings.mixed_precision,
@@ -416,9 +571,12 @@ def distill(
     train = load_data(data, split=settings.train_split, columns=columns, revision=revision)
     evaluation, eval_indices, train_indices, held_split = held_out(data, columns, revision, settings, train)
     check_images_decode(train, train_indices, settings.seed)
-    model = load_model(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
-    image_token_id = model.config.image_token_id
+    image_token_id = family.config.from_pretrained(model_dir).image_token_id
+    log = (lambda message: tqdm.write(message, file=sys.stderr)) if progress and accelerator.is_main_process else None
+    check_lengths(Batcher(train, processor, image_token_id, settings.max_length, family.image_inputs), train_indices,
+                  settings.seed, log)  # before the model loads
+    model = load_model(model_dir)
     proxyv = model.model.proxyv
     model.requires_grad_(False)
     proxyv.requires_grad_(True)
@@ -450,7 +608,7 @@ def distill(
                                                      accelerator)}
         if evaluation.answer:
             state["before"]["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size,
-                                                     accelerator)
+                                                     accelerator, settings.max_length)
 
     per_process = settings.batch_size * settings.gradient_accumulation
     global_batch = per_process * accelerator.num_processes
@@ -499,7 +657,8 @@ def distill(
     seconds = time.perf_counter() - started
     after = agreement(model, eval_batcher, eval_indices, settings.batch_size, accelerator)
     if evaluation.answer:
-        after["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size, accelerator)
+        after["task"] = task_agreement(model, evaluation, eval_indices, processor, settings.batch_size, accelerator,
+                                       settings.max_length)
     report = {
         "model": str(model_dir), "data": str(data), "held_out_split": held_split, "settings": settings.model_dump(),
         "columns": columns.model_dump(),

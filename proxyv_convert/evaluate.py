@@ -23,12 +23,14 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from .atomic import write_text
+from .atomic import folder_lock, write_text
 from .batching import chat_text
-from .config import Columns, EvalSection, default
+from .config import Columns, EvalSection, build, default, resolve_model_source
 from .data import ANSWER_COLUMNS, ImageTextData, load_data
 from .errors import ProxyVError
 from .model_folder import EVAL_REPORT, is_proxyv_folder, load_model
+
+MAX_NEW_TOKENS = 1024  # the most tokens any answer is generated to
 
 
 @dataclass
@@ -81,8 +83,6 @@ def load_for_eval(model: str | Path | PreTrainedModel,
                   processor: ProcessorMixin | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A model (loaded from its folder when given as a path) and its processor (from the same folder by default)."""
     if isinstance(model, (str, Path)):
-        from .config import resolve_model_source
-
         folder = Path(resolve_model_source(str(model)))  # builtin:NAME -> the shipped folder
         model = load_model(folder)
     else:
@@ -105,7 +105,10 @@ def noise_image(like: Image.Image, seed: int) -> Image.Image:
 @torch.no_grad()
 def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, images: list[Image.Image],
                      questions: list[str], *, max_new_tokens: int) -> list[str]:
-    """Greedy answers to one question per image, as one left-padded batch."""
+    """Greedy answers to one question per image, as one left-padded batch, of at most `max_new_tokens` tokens each
+    (bounded by MAX_NEW_TOKENS: generation never runs unbounded)."""
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ProxyVError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}")
     prompts = [chat_text(processor, question) for question in questions]
     inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
     inputs = inputs.to(model.device)
@@ -117,6 +120,13 @@ def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, images: 
         eos_token_id=tokenizer.eos_token_id,
     )
     return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def prompt_lengths(processor: ProcessorMixin, images: list[Image.Image], questions: list[str]) -> list[int]:
+    """Tokens of each example's generation prompt (its image tokens included), as `generate_answers` builds it."""
+    prompts = [chat_text(processor, question) for question in questions]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    return inputs["attention_mask"].sum(1).tolist()
 
 
 def decoded_examples(data: ImageTextData, limit: int | None) -> tuple[list[tuple[Image.Image, str, str]], int]:
@@ -176,10 +186,15 @@ def evaluate(
     """
     if against_original and other is not None:
         raise ProxyVError("give either a second model or --against-original, not both")
-    if limit is not None and limit < 1:
-        raise ProxyVError(f"limit must be at least 1, got {limit}")
-    if batch_size < 1:
-        raise ProxyVError(f"batch_size must be at least 1, got {batch_size}")
+    build(EvalSection, {"limit": limit, "batch_size": batch_size})  # the recipe's bounds (a one-line error)
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ProxyVError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}")
+    for given in (model, other):  # a folder that is not there, or not a ProxyV model, before any data is read
+        if isinstance(given, (str, Path)) and not Path(resolve_model_source(str(given))).is_dir():
+            raise ProxyVError(f"model folder {given} does not exist")
+    if (against_original or proxyv_off) and isinstance(model, (str, Path)) and not is_proxyv_folder(
+            Path(resolve_model_source(str(model)))):
+        raise ProxyVError("--against-original and --proxyv-off need a ProxyV model")
     rows = load_data(data, split=split, columns=columns, revision=revision)
     if rows.answer is None:
         raise ProxyVError(
@@ -233,4 +248,5 @@ def write_report(folder: str | Path, result: EvalResult) -> Path | None:
     """Write `eval_report.json` into a ProxyV model folder (the model card shows it); None for other folders."""
     if not is_proxyv_folder(Path(folder)):
         return None
-    return write_text(Path(folder) / EVAL_REPORT, result.to_json())
+    with folder_lock(Path(folder)):  # not while another command writes into the folder
+        return write_text(Path(folder) / EVAL_REPORT, result.to_json())

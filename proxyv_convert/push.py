@@ -1,8 +1,10 @@
 """`proxyv push`: check a ProxyV model folder, then publish it with its model card to the Hugging Face Hub.
 
-Every check runs before the first request to the Hub: the folder is a ProxyV model, its code files are the package's
-own, its safetensors are complete and hold every tensor the model needs, its processor files are there, and a fresh
-Python process without proxyv loads it with `trust_remote_code=True` and runs one forward pass.
+Every check runs before the first request to the Hub: the token fits an HTTP header, the folder is a ProxyV model with
+no symbolic link in it, its only code is the package's own (the code files byte for byte, no other `.py` file, no
+`auto_map` naming another module), its safetensors are complete and hold every tensor the model needs, its processor
+files are there, and a fresh Python process without proxyv loads it with `trust_remote_code=True` and runs one forward
+pass.
 
 A push is two commits. The first holds the model (weights, config, code, processor files, recipe, reports); the
 second adds the model card, whose usage snippet pins `revision=` to the first commit, so users pin the exact code and
@@ -19,12 +21,14 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import quote
 
 import torch
 
@@ -32,7 +36,7 @@ from . import __version__
 from .card import model_card, pinned_revision
 from .convert import target_name
 from .errors import ProxyVError
-from .model_folder import CARD_FILE, code_differences, folder_family
+from .model_folder import CARD_FILE, CODE_FILES, code_differences, folder_family
 from .safetensors_stream import read_checkpoint
 from .source import processor_files
 
@@ -44,6 +48,10 @@ IGNORED = (".*", "__pycache__", "*.pyc", "*.tmp", "*.lock", "*.swp", "*~")
 MANAGED = ("*.safetensors", "*.json", "*.py", "*.yaml", "*.jinja")
 PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# An `auto_map` entry may only name a class of the package's own code files: any other module (or a
+# "repo--module.Class" reference to another repository) is code that trust_remote_code would import unchecked.
+CODE_MODULES = "|".join(name.removesuffix(".py") for name in CODE_FILES)
+AUTO_MAP_ENTRY = re.compile(rf"(?:{CODE_MODULES})\.[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -113,9 +121,16 @@ def _check_options(repo_id: str, revision: str | None, create_pr: bool) -> None:
 def _resolve_token(token: str | None) -> str:
     from huggingface_hub import get_token
 
-    token = token or get_token()
+    # Surrounding whitespace (a pasted newline) is dropped; what is left must fit an HTTP header, and the message
+    # never shows the token, not even in part.
+    token = ((token or "").strip() or get_token() or "").strip()
     if not token:
         raise ProxyVError("no Hugging Face token found: pass --token, set HF_TOKEN, or log in with `hf auth login`")
+    if not all("!" <= c <= "~" for c in token):
+        raise ProxyVError(
+            "the Hugging Face token (from --token, HF_TOKEN or the saved login) contains spaces, control characters "
+            "or non-ASCII characters, which no Hub token has; copy the token again from your Hub account settings"
+        )
     return token
 
 
@@ -123,21 +138,93 @@ def check_folder(folder: Path) -> list[str]:
     """Run the checks that need no subprocess; returns the files to upload (relative POSIX paths, card excluded)."""
     if not folder.is_dir():
         raise ProxyVError(f"{folder} is not a folder")
+    check_links(folder)
     if folder_family(folder) is None:
         raise ProxyVError(
             f"{folder} is not a ProxyV model folder (its config.json has no ProxyV model_type); "
             "make one with `proxyv convert`"
         )
+    check_code(folder)
+    check_weights(folder)
+    check_processor(folder)
+    model_card(folder)  # a report the card cannot render fails here, not between the two commits
+    return upload_files(folder)
+
+
+def _shown(path: Path | str) -> str:
+    """A path for a one-line message: as is, or escaped when it holds a newline or other unprintable character."""
+    text = str(path)
+    return text if text.isprintable() else ascii(text)
+
+
+def _link_error(path: Path, folder: Path) -> ProxyVError:
+    return ProxyVError(
+        f"{_shown(path)} is a symbolic link, and push uploads only regular files inside {_shown(folder)}; replace the "
+        "link with a copy of what it points to, or delete it"
+    )
+
+
+def check_links(folder: Path) -> None:
+    """No symbolic link anywhere in `folder` (dangling, to a file or folder, inside it or not): the upload and the
+    load check would read whatever the link points to, possibly outside the folder."""
+    for root, dirs, names in os.walk(folder):  # does not descend into linked folders
+        for name in sorted(dirs + names):
+            if (path := Path(root, name)).is_symlink():
+                raise _link_error(path, folder)
+
+
+def check_code(folder: Path) -> None:
+    """The only code in `folder` is the package's: its code files byte for byte, no other `.py` file at any depth,
+    and no `auto_map` (in any top-level JSON file) naming another module, which trust_remote_code would import."""
     stale = code_differences(folder)
     if stale:
         raise ProxyVError(
             f"{', '.join(stale)} in {folder} differ from the ProxyV code of proxyv {__version__} (missing, edited or "
             "from another version); convert the model again with this version"
         )
-    check_weights(folder)
-    check_processor(folder)
-    model_card(folder)  # a report the card cannot render fails here, not between the two commits
-    return upload_files(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() == ".py" and path.relative_to(folder).as_posix() not in CODE_FILES:
+            raise ProxyVError(
+                f"{_shown(path)} is Python code that proxyv did not write, and a ProxyV model carries only "
+                f"{' and '.join(CODE_FILES)}; move it out of the folder and push again"
+            )
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and p.is_file()):
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            continue  # transformers cannot read an auto_map from it either
+        problem = _auto_map_problem(data)
+        if problem:
+            raise ProxyVError(
+                f"{_shown(path)} has an auto_map that {problem}; a ProxyV model's auto_map names only classes of "
+                f"{' and '.join(CODE_FILES)}: remove the entry or convert the model again"
+            )
+
+
+def _auto_map_problem(data: object) -> str | None:
+    """What is wrong with the `auto_map`s anywhere in parsed JSON `data`; None when every entry is a "module.Class"
+    reference (or a list of them and nulls, as tokenizers have) into the package's code files."""
+    stack = [data]
+    while stack:  # no recursion: JSON may nest deeper than Python's recursion limit allows
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        if not isinstance(item, dict):
+            continue
+        stack.extend(item.values())
+        if "auto_map" not in item:
+            continue
+        auto_map = item["auto_map"]
+        if not isinstance(auto_map, dict):
+            return f"is {json.dumps(auto_map)[:80]}, not a mapping from Auto class names to 'module.Class' references"
+        for key, value in auto_map.items():
+            references = value if isinstance(value, list) else [value]
+            if not isinstance(value, str | list) or not all(r is None or isinstance(r, str) for r in references):
+                return f"maps {key!r} to {json.dumps(value)[:80]}, not a 'module.Class' reference or a list of them"
+            for reference in references:
+                if reference is not None and not AUTO_MAP_ENTRY.fullmatch(reference):
+                    return f"maps {key!r} to {reference[:80]!r}, code that proxyv did not write"
+    return None
 
 
 def check_weights(folder: Path) -> None:
@@ -186,7 +273,10 @@ def check_processor(folder: Path) -> None:
 def upload_files(folder: Path) -> list[str]:
     """The folder's files that a push uploads, as relative POSIX paths (README.md is the generated card instead)."""
     files = []
+    root = folder.resolve()
     for path in sorted(folder.rglob("*")):
+        if path.is_symlink() or not path.resolve().is_relative_to(root):  # never upload what lies outside
+            raise _link_error(path, folder)
         relative = PurePosixPath(path.relative_to(folder).as_posix())
         if not path.is_file() or str(relative) == CARD_FILE:
             continue
@@ -246,6 +336,8 @@ print(json.dumps({"logits": list(logits.shape), "class": type(model).__module__ 
 def check_runs(folder: Path, *, progress: bool = True) -> None:
     """Load `folder` as a user without proxyv would (a fresh process, `trust_remote_code=True`, offline, no token)
     and run one forward pass on a real processor input; raise ProxyVError naming the failed step."""
+    check_links(folder)
+    check_code(folder)  # trust_remote_code imports what the folder names: only the package's code, checked first
     if progress:
         print(f"Checking that {folder} loads and runs in a fresh process with trust_remote_code=True...",
               file=sys.stderr)
@@ -354,7 +446,23 @@ def _previous_pin(api, repo_id: str, head: str, files: dict[str, str]) -> str | 
 
 
 def redact(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
+    """`text` with `token` replaced by ***: as given, stripped, escaped (repr, ascii, JSON, bytes, URL), or cut short
+    (an `hf_` word sharing its first 12 or more characters)."""
+    if not token:
+        return text
+    forms = set()
+    for secret in {token, token.strip()}:
+        forms |= {secret, repr(secret)[1:-1], ascii(secret)[1:-1], json.dumps(secret)[1:-1],
+                  repr(secret.encode("utf-8", "backslashreplace"))[2:-1], quote(secret, safe="")}
+    for form in sorted(forms - {""}, key=len, reverse=True):
+        text = text.replace(form, "***")
+    stripped = token.strip()
+
+    def cut(match: re.Match) -> str:
+        shared = len(os.path.commonprefix([match[0], stripped]))
+        return "***" + match[0][shared:] if shared >= 12 else match[0]
+
+    return re.sub(r"hf_\w+", cut, text)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ refused until `--restart` (which converts again, replacing the folder once the n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shlex
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import write_text
+from .atomic import folder_lock, write_text
 from .config import (
     RECIPE_FILE,
     STAGES,
@@ -98,35 +99,42 @@ def run(
     wanted = [s for s in recipe.stages() if s not in skip and (not only or s in only)]
     command = shlex.join(["proxyv", "run", str(recipe_name), *(overrides or [])])
     fingerprint = recipe_hash(recipe)
-    state = _read_state(output) if output.exists() else None
-    if state is not None and state.get("recipe") != fingerprint and not restart:
-        raise ProxyVError(
-            f"{output} was made by a different recipe (or other overrides); pass --restart to redo it from the "
-            "conversion, or choose another output"
-        )
-    if output.exists() and state is None and not restart:
-        raise ProxyVError(f"{output} exists but was not written by `proxyv run`; choose another output or --restart")
-    if restart or state is None:
-        state = {"recipe": fingerprint, "done": []}
     result = RunResult(output=output, recipe=path)
     started = time.perf_counter()
-    for stage in wanted:
-        if stage in state["done"] and not (restart and stage == "convert"):
-            log(f"[{stage}] finished earlier: skipped")
-            result.stages_skipped.append(stage)
-            continue
-        if stage != "convert" and not (output / "config.json").is_file():
-            raise ProxyVError(f"stage {stage} needs the converted model in {output}; run the convert stage first")
-        log(f"[{stage}] running")
-        numbers = STAGE_FUNCTIONS[stage](recipe, output, progress, restart, command)
-        result.numbers.update(numbers or {})
-        if stage == "convert":
-            _record_recipe(output, recipe, command)
+    with contextlib.ExitStack() as locks:
+        # no other command writes into the output while the stages run (the stages share this lock)
+        if output.is_dir():
+            locks.enter_context(folder_lock(output))
+        state = _read_state(output) if output.exists() else None
+        if state is not None and state.get("recipe") != fingerprint and not restart:
+            raise ProxyVError(
+                f"{output} was made by a different recipe (or other overrides); pass --restart to redo it from the "
+                "conversion, or choose another output"
+            )
+        if output.exists() and state is None and not restart:
+            raise ProxyVError(
+                f"{output} exists but was not written by `proxyv run`; choose another output or --restart")
+        if restart or state is None:
             state = {"recipe": fingerprint, "done": []}
-        state["done"].append(stage)
-        _write_state(output, state)
-        result.stages_run.append(stage)
-        restart = False
+        for stage in wanted:
+            if stage in state["done"] and not (restart and stage == "convert"):
+                log(f"[{stage}] finished earlier: skipped")
+                result.stages_skipped.append(stage)
+                continue
+            if stage != "convert" and not (output / "config.json").is_file():
+                raise ProxyVError(
+                    f"stage {stage} needs the converted model in {output}; run the convert stage first")
+            log(f"[{stage}] running")
+            numbers = STAGE_FUNCTIONS[stage](recipe, output, progress, restart, command)
+            result.numbers.update(numbers or {})
+            if stage == "convert":
+                locks.enter_context(folder_lock(output))  # the folder the conversion made (--restart: a new one)
+                _record_recipe(output, recipe, command)
+                state = {"recipe": fingerprint, "done": []}
+            state["done"].append(stage)
+            _write_state(output, state)
+            result.stages_run.append(stage)
+            restart = False
     result.seconds = round(time.perf_counter() - started, 1)
     result.next_command = (
         f"proxyv push {output} --repo-id <your-name>/{output.name}" if "push" not in recipe.stages()

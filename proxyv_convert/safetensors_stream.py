@@ -64,8 +64,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise _corrupt(path, f"header length {header_len} does not fit in a file of {size} bytes")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _corrupt(path, f"header is not JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge numbers, hostile nesting
+            raise _corrupt(path, f"header is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
     header.pop("__metadata__", None)
@@ -74,8 +74,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in sorted(header.items(), key=lambda item: _offsets(path, item)[0]):
         begin, stop = _offsets(path, (name, entry))
         dtype, shape = entry.get("dtype"), entry.get("shape")
-        if dtype not in DTYPE_SIZES or not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-            raise _corrupt(path, f"tensor '{name}' has dtype {dtype!r} and shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES or not isinstance(shape, list) or not all(
+            _is_count(d) for d in shape
+        ):
+            raise _corrupt(path, f"tensor '{name}' has dtype {str(dtype)[:40]!r} and shape {str(shape)[:80]}")
         if begin != end or stop - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
             raise _corrupt(path, f"tensor '{name}' has data offsets {[begin, stop]} that do not match its shape")
         tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, stop - begin)
@@ -88,20 +90,21 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 def _offsets(path: Path, item: tuple[str, object]) -> tuple[int, int]:
     name, entry = item
     offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise _corrupt(path, f"tensor '{name}' has no valid data_offsets")
     return offsets[0], offsets[1]
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (a shape dimension or a byte offset); JSON `true` is no integer here."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: the index's shards, or the single `model.safetensors`."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            raise ProxyVError(f"{index_path} is not a valid safetensors index (no weight_map)") from None
-        files = sorted(set(weight_map.values()))
+        files = sorted(set(_weight_map(index_path).values()))
         missing = [name for name in files if not (folder / name).is_file()]
         if missing:
             raise ProxyVError(f"{folder} is incomplete: {', '.join(missing)} listed in {INDEX_FILE} is missing")
@@ -109,6 +112,24 @@ def weight_files(folder: Path) -> list[Path]:
     if (folder / SINGLE_FILE).is_file():
         return [folder / SINGLE_FILE]
     return []
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The index's {tensor name: shard file}; every shard must be a file name inside the index's folder (an index
+    that points elsewhere, `/etc/...` or `../other`, would read files the checkpoint does not hold)."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise ProxyVError(f"{index_path} is not a valid safetensors index (no weight_map)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ProxyVError(f"{index_path} is not a valid safetensors index (weight_map must map names to file names)")
+    for name, shard in weight_map.items():
+        # judged by the name, not by where symlinks lead: the Hub's cache links every shard to a blob elsewhere
+        normal = os.path.normpath(shard)
+        if os.path.isabs(shard) or normal == os.pardir or normal.startswith(os.pardir + os.sep) or "\0" in shard:
+            raise ProxyVError(f"{index_path} puts tensor '{name}' in {shard[:200]!r}, outside the checkpoint folder; "
+                              "shards must be files beside the index")
+    return weight_map
 
 
 def read_checkpoint(folder: Path) -> dict[str, TensorInfo]:
@@ -121,7 +142,7 @@ def read_checkpoint(folder: Path) -> dict[str, TensorInfo]:
             tensors[name] = info
     index_path = folder / INDEX_FILE
     if index_path.is_file():
-        listed = set(json.loads(index_path.read_text())["weight_map"])
+        listed = set(_weight_map(index_path))
         if listed != set(tensors):
             raise ProxyVError(
                 f"{index_path} lists {len(listed)} tensors but its shards hold {len(tensors)}; the checkpoint is "

@@ -7,7 +7,6 @@ HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and the cache. Client errors become one-li
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,15 +135,12 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
 def read_llava_config(source: Source, *, trust_remote_code: bool = False) -> LlavaConfig:
     """The source's LlavaConfig or LlavaNextConfig; refuses other model types and, without trust_remote_code, configs
     with custom code."""
-    from transformers import AutoConfig
+    from .config import load_model_config, read_config_json
 
     config_path = source.path / "config.json"
     if not config_path.is_file():
         raise ProxyVError(f"{source.name} is not a model folder (no config.json)")
-    try:
-        raw = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise ProxyVError(f"{config_path} is not valid JSON ({e})") from None
+    raw = read_config_json(config_path)
     model_type = raw.get("model_type")
     supported = ", ".join(FAMILIES)
     if str(model_type).startswith("proxyv_"):
@@ -156,7 +152,7 @@ def read_llava_config(source: Source, *, trust_remote_code: bool = False) -> Lla
         )
     if model_type not in FAMILIES and "auto_map" not in raw:
         raise ProxyVError(f"{source.name} is a '{model_type}' checkpoint; proxyv converts model types: {supported}")
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    config = load_model_config(config_path, trust_remote_code=trust_remote_code)
     if config.model_type not in FAMILIES:
         raise ProxyVError(
             f"{source.name} has a {type(config).__name__} config; proxyv converts model types: {supported}"

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_output, write_text
+from .atomic import LOCK_FILE, atomic_output, folder_lock, replacing, write_text
 from .errors import ProxyVError
 from .model_folder import CHECKPOINT_DIR, EVAL_REPORT, MEASURED_FILES, PROXYV_PREFIX
 from .safetensors_stream import OutputTensor, copy_bytes, read_checkpoint, write_shard
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-SKIP_ON_COPY = (CHECKPOINT_DIR, *MEASURED_FILES)  # a copy with new ProxyV weights is another model
+# A copy with new ProxyV weights is another model; the source's lock (a hard link would share it) is not the copy's
+SKIP_ON_COPY = (CHECKPOINT_DIR, *MEASURED_FILES, LOCK_FILE)
 
 
 def _tensor_writer(tensor: torch.Tensor):
@@ -48,12 +49,8 @@ def _replace_in_folder(folder: Path, params: dict[str, torch.Tensor]) -> None:
                 tensors.append(OutputTensor(name, info.dtype, info.shape, _tensor_writer(value)))
             else:
                 tensors.append(OutputTensor(name, info.dtype, info.shape, copy_bytes(info)))
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
+        with replacing(path) as tmp:  # a new file of an unpredictable name, renamed over the shard
             write_shard(tmp, tensors, lambda n: None)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def _write_files(folder: Path, files: dict[str, str]) -> None:
@@ -83,9 +80,10 @@ def write_proxyv_weights(
     report of the old weights is removed (in place) or not copied (with `out`)."""
     files = files or {}
     if out is None:
-        _replace_in_folder(folder, params)
-        _write_files(folder, files)
-        (folder / EVAL_REPORT).unlink(missing_ok=True)
+        with folder_lock(folder):  # the caller's own lock, when it holds it already
+            _replace_in_folder(folder, params)
+            _write_files(folder, files)
+            (folder / EVAL_REPORT).unlink(missing_ok=True)
         return folder
     with atomic_output(out, overwrite=False) as tmp:
         _link_or_copy(folder, tmp)

@@ -102,8 +102,8 @@ def test_cli_writes_the_report_and_the_card_shows_it(tmp_path):
     "args,message",
     [
         (["--device", "cuda:7"], "CUDA is not available"),
-        (["--dtype", "int8"], "--dtype int8 is not one of"),
-        (["--attn", "flash"], "--attn flash is not one of"),
+        (["--dtype", "int8"], "--dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'int8')"),
+        (["--attn", "flash"], "--attn: Input should be 'sdpa' or 'eager' (got 'flash')"),
         (["--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
     ],
 )

@@ -101,8 +101,11 @@ def finish_proxyv_config(config) -> None:
         side = vision_grid(config)[0]
         per_side = -(-side // config.proxyv_reduce_factor)  # ceil
         config.proxyv_learned_proxies = per_side * per_side
-    if config.proxyv_learned_proxies < 1:
-        raise ValueError(f"proxyv_learned_proxies must be at least 1, got {config.proxyv_learned_proxies}")
+    tokens = vision_grid(config)[1]
+    learned = config.proxyv_learned_proxies
+    if not isinstance(learned, int) or isinstance(learned, bool) or not 1 <= learned <= tokens:
+        # proxies stand in for an image's tokens: more of them than tokens only costs memory (10**9 would exhaust it)
+        raise ValueError(f"learned proxies must be between 1 and the {tokens} tokens of an image grid, got {learned}")
 
 
 class ProxyVConfigMixin:
