@@ -10,46 +10,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from hub_server import HubError, LocalHub
-from tiny_models import save_tiny_llava
+from test_push import converted, folder, no_load_check  # noqa: F401 - the same tiny converted model
 from typer.testing import CliRunner
 
 from proxyv_convert import push as push_module
 from proxyv_convert.cli import app
-from proxyv_convert.convert import convert
 from proxyv_convert.errors import ProxyVError
-from proxyv_convert.model_folder import load_model
 from proxyv_convert.push import push, redact, upload_files
-from proxyv_convert.weights import write_proxyv_weights
 
 TOKEN = "hf_hardeningSecret0123456789abcdef"
 WRONG = "hf_wrongHardening0123456789ABCDEF"
 REPO = "local-user/tiny-proxyv"
 SECRET = b"outside-secret-content-3f9a"
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("push-hardening")
-    out = root / "tiny-proxyv"
-    convert(str(save_tiny_llava(root / "source", seed=3)), out, layer=2, progress=False)
-    generator = torch.Generator().manual_seed(0)
-    params = {f"model.proxyv.{n}": torch.randn(p.shape, generator=generator) * 0.05
-              for n, p in load_model(out).model.proxyv.named_parameters()}
-    write_proxyv_weights(out, params)
-    return out
-
-
-@pytest.fixture
-def folder(converted, tmp_path) -> Path:
-    return Path(shutil.copytree(converted, tmp_path / "tiny-proxyv"))
-
-
-@pytest.fixture
-def no_load_check(monkeypatch):
-    """Skip the load-and-run subprocess where a test is about the upload."""
-    monkeypatch.setattr(push_module, "check_runs", lambda folder, progress=True: None)
 
 
 @pytest.fixture
