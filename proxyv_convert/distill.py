@@ -432,20 +432,25 @@ def held_out(data: str, columns: Columns, revision: str | None, settings: Distil
     if rows is None:
         expression = f"{name}[-{held}:]"
     else:  # the tail of a slice, as rows of the whole split
-        positions = range(len(load_data(data, split=name, columns=columns, revision=revision)))[rows]
+        positions = split_rows(data, settings.train_split, columns, revision)
         expression = f"{name}[{positions[len(train) - held]}:{positions[-1] + 1}]"
     return train, list(range(len(train) - held, len(train))), list(range(len(train) - held)), expression
 
 
+def split_rows(data: str, split: str, columns: Columns, revision: str | None) -> range:
+    """The rows of the whole split that a split expression selects (`validation[-500:]` -> its last 500 rows)."""
+    name, rows = parse_split(split)
+    return range(len(load_data(data, split=name, columns=columns, revision=revision)))[rows or slice(None)]
+
+
 def check_disjoint(data: str, settings: DistillSettings, revision: str | None, columns: Columns) -> None:
     """Slices of one split (`validation[:-500]`, `validation[-500:]`) must not share rows."""
-    (train_name, train_rows), (eval_name, eval_rows) = parse_split(settings.train_split), parse_split(
-        settings.eval_split)
+    train_name, eval_name = parse_split(settings.train_split)[0], parse_split(settings.eval_split)[0]
     if train_name != eval_name:
         return
-    total = len(load_data(data, split=train_name, columns=columns, revision=revision))
-    rows = range(total)
-    shared = set(rows[train_rows or slice(None)]) & set(rows[eval_rows or slice(None)])
+    train_rows = split_rows(data, settings.train_split, columns, revision)
+    eval_rows = split_rows(data, settings.eval_split, columns, revision)
+    shared = set(train_rows) & set(eval_rows)
     if shared:
         raise ProxyVError(
             f"--eval-split {settings.eval_split} shares {len(shared)} row(s) with --train-split "
