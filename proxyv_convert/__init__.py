@@ -8,7 +8,8 @@ The pipeline, one module per stage (each is one library call behind one `proxyv`
     push.py      check the folder, publish it with its model card (`card.py`)
     run.py       all of the above from one recipe
 What they share, one home each:
-    families.py      one entry per model family (llava, llava_next): classes, key rules, inputs, card wording
+    families.py      one entry per model family (llava, llava_next, llava_onevision, llava_next_video): classes,
+                     key rules, inputs, card wording
     remote/          the ProxyV model code, copied byte for byte into every converted checkpoint
     config.py        the recipe schema: every default of the CLI, the recipes and a folder's recipe.yaml
     data.py          the one data loader (`--data` of every command); batching.py makes model inputs from it

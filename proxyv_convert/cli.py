@@ -149,6 +149,9 @@ def convert(
     = default(ProxyVSection, "proxy"),
     learned_proxies: Annotated[int | None, typer.Option(help="Proxies per image grid with --proxy learned "
                                                              "(default: as many as spatial makes).")] = None,
+    video_frames: Annotated[int, typer.Option(help="Video proxies per group of this many neighbouring frames (1: per "
+                                                   "frame; families with video).")] = default(ProxyVSection,
+                                                                                               "video_frames"),
     dtype: Annotated[str, typer.Option(help="auto (keep), float32, bfloat16 or float16.")] = default(
         ModelSection, "dtype"),
     overwrite: Annotated[
@@ -169,14 +172,14 @@ def convert(
             "src": "model.source", "layer": "proxyv.start_layer", "out": "output", "reduce_factor":
             "proxyv.reduce_factor", "dtype": "model.dtype", "revision": "model.revision",
             "trust_remote_code": "model.trust_remote_code", "proxy": "proxyv.proxy",
-            "learned_proxies": "proxyv.learned_proxies",
+            "learned_proxies": "proxyv.learned_proxies", "video_frames": "proxyv.video_frames",
         })
         require(v, src="SRC", layer="--layer", out="--out")
         layer, reduce_factor = v["layer"], v["reduce_factor"]
         result = convert_checkpoint(
             v["src"], Path(v["out"]), layer=layer, reduce_factor=reduce_factor, dtype=v["dtype"], overwrite=overwrite,
             revision=v["revision"], trust_remote_code=v["trust_remote_code"], progress=not quiet, proxy=v["proxy"],
-            learned_proxies=v["learned_proxies"],
+            learned_proxies=v["learned_proxies"], video_frames=v["video_frames"],
         )
     typer.echo(
         f"Wrote {result.out}: {result.source} with ProxyV from layer {layer} (reduce factor {reduce_factor}), "

@@ -51,6 +51,7 @@ MAX_SEED = 2**32 - 1
 MAX_LAYER = 10_000
 MAX_REDUCE_FACTOR = 1024
 MAX_LEARNED_PROXIES = 65_536  # per image grid; the model's check also caps them at the grid's token count
+MAX_VIDEO_FRAMES = 4096  # frames per video proxy group
 MAX_BENCH_BATCH = 1024
 MAX_BENCH_IMAGES = 64  # images per prompt
 MAX_BENCH_VALUES = 64  # values in one list option (batch sizes, images)
@@ -79,6 +80,7 @@ class ProxyVSection(Section):
     vision_mlp: Literal["residual"] = "residual"
     proxy: Literal["spatial", "learned"] = "spatial"
     learned_proxies: int | None = Field(default=None, ge=1, le=MAX_LEARNED_PROXIES)
+    video_frames: int = Field(default=1, ge=1, le=MAX_VIDEO_FRAMES)  # frames per video proxy group (1: per frame)
 
 
 class Columns(Section):
@@ -374,9 +376,11 @@ def check_against_model(recipe: Recipe, origin: str) -> str:
         raise ProxyVError(f"{origin}: model.source is a '{llava.model_type}' model; proxyv converts "
                           f"{', '.join(FAMILIES)}")
     try:
-        FAMILIES[llava.model_type].config.from_llava_config(
+        family = FAMILIES[llava.model_type]
+        family.config.from_llava_config(
             llava, proxyv_start_layer=recipe.proxyv.start_layer, proxyv_reduce_factor=recipe.proxyv.reduce_factor,
             proxyv_proxy=recipe.proxyv.proxy, proxyv_learned_proxies=recipe.proxyv.learned_proxies,
+            **family.video_settings(recipe.proxyv.video_frames),
         )
     except (ValueError, TypeError) as error:
         raise ProxyVError(f"{origin}: proxyv: {error}") from None

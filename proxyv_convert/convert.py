@@ -86,11 +86,13 @@ def convert(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     proxy: str = "spatial",
     learned_proxies: int | None = None,
+    video_frames: int = 1,
 ) -> ConvertResult:
     """Convert the LLaVA checkpoint `source` (local folder or Hub id) into a ProxyV checkpoint in `out`.
 
     ProxyV runs from decoder layer `layer` on, with proxies made by downsampling each image grid by `reduce_factor`
-    (`proxy="spatial"`) or by `learned_proxies` learned queries per image grid (`proxy="learned"`).
+    (`proxy="spatial"`) or by `learned_proxies` learned queries per image grid (`proxy="learned"`); a video's proxies
+    are made per group of `video_frames` neighbouring frames (families with video).
     `dtype` "auto" keeps every tensor's dtype; otherwise floating tensors are cast. Raises ProxyVError, before
     writing anything, on bad input.
     """
@@ -102,7 +104,8 @@ def convert(
     src = resolve_source(source, revision=revision, trust_remote_code=trust_remote_code)
     check_output(out, overwrite=overwrite, source=src.path)
     config = proxyv_config(
-        src, read_llava_config(src, trust_remote_code=trust_remote_code), layer, reduce_factor, proxy, learned_proxies
+        src, read_llava_config(src, trust_remote_code=trust_remote_code), layer, reduce_factor, proxy, learned_proxies,
+        video_frames,
     )
     fetch_weights(src)
     weights = source_weights(src)
@@ -116,7 +119,7 @@ def convert(
     tensors = [copied_tensor(name, info, None if dtype == "auto" else float_code) for name, info in matched.items()]
     added = proxyv_tensors(model, float_code)
     command = convert_command(source, out, layer, reduce_factor, dtype, revision, trust_remote_code, proxy,
-                              learned_proxies)
+                              learned_proxies, video_frames)
     total = sum(t.nbytes for t in tensors + added)
     with atomic_output(out, overwrite=overwrite) as tmp, _progress(total, progress) as bar:
         files = write_checkpoint(
@@ -137,12 +140,12 @@ def convert(
 
 
 def proxyv_config(src: Source, llava: LlavaConfig, layer: int, reduce_factor: int, proxy: str = "spatial",
-                  learned_proxies: int | None = None) -> PretrainedConfig:
+                  learned_proxies: int | None = None, video_frames: int = 1) -> PretrainedConfig:
     family = FAMILIES[llava.model_type]
     try:
         config = family.config.from_llava_config(
             llava, proxyv_start_layer=layer, proxyv_reduce_factor=reduce_factor, proxyv_base_model=src.name,
-            proxyv_proxy=proxy, proxyv_learned_proxies=learned_proxies,
+            proxyv_proxy=proxy, proxyv_learned_proxies=learned_proxies, **family.video_settings(video_frames),
         )
     except ValueError as e:
         raise ProxyVError(f"cannot convert {src.name}: {e}") from None
@@ -324,12 +327,13 @@ def _initialised_parameters(modules: torch.nn.Module, std: float, dtype: torch.d
 
 def convert_command(
     source: str, out: Path, layer: int, reduce_factor: int, dtype: str, revision: str | None, trust_remote_code: bool,
-    proxy: str = "spatial", learned_proxies: int | None = None,
+    proxy: str = "spatial", learned_proxies: int | None = None, video_frames: int = 1,
 ) -> str:
     """The CLI command equivalent to a `convert` call (the recipe's header)."""
     args = ["proxyv", "convert", source, "--layer", str(layer), "--reduce-factor", str(reduce_factor)]
     args += ["--proxy", proxy] if proxy != "spatial" else []
     args += ["--learned-proxies", str(learned_proxies)] if learned_proxies is not None else []
+    args += ["--video-frames", str(video_frames)] if video_frames != 1 else []
     args += ["--dtype", dtype, "--out", str(out)]
     args += ["--revision", revision] if revision else []
     args += ["--trust-remote-code"] if trust_remote_code else []
@@ -352,6 +356,7 @@ def write_folder_files(folder: Path, src: Source, config: PretrainedConfig, dtyp
             "vision_mlp": config.proxyv_vision_mlp,
             "proxy": config.proxyv_proxy,
             **({"learned_proxies": config.proxyv_learned_proxies} if config.proxyv_proxy == "learned" else {}),
+            **({"video_frames": config.proxyv_video_frames} if getattr(config, "proxyv_video_frames", 1) != 1 else {}),
         },
         "provenance": provenance(),
     }

@@ -38,6 +38,7 @@ from .data import ImageTextData, load_data, parse_split
 from .errors import ProxyVError
 from .families import Family
 from .model_folder import CHECKPOINT_DIR, DISTILL_REPORT, folder_family, load_model
+from .sharding import check_launch, fsdp_requested, full_tensor, shard_like, shard_model
 from .threads import warn_if_busy
 from .weights import write_proxyv_weights
 
@@ -175,25 +176,32 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"  # the tensors of the optimizer's an
 OPTIMIZER_STATE = "optimizer.json"  # the rest of them, with references to those tensors
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> None:
-    """Atomically replace the checkpoint in `folder` (ProxyV parameters, optimizer, schedule, progress).
+def proxyv_state(model) -> dict[str, torch.Tensor]:
+    """The whole ProxyV parameters by name (`vision_mlps.2.out.weight`...). Under FSDP every process calls it."""
+    return {name: full_tensor(p.detach()) for name, p in unwrap(model).model.proxyv.named_parameters()}
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, *, write: bool = True) -> None:
+    """Atomically replace the checkpoint in `folder` (ProxyV parameters, optimizer, schedule, progress). Under FSDP
+    every process calls it (the whole tensors are gathered collectively) and the one with `write` writes them.
 
     Nothing is pickled (tensors go to safetensors files, the rest to JSON), so resuming never runs code from a file.
     The checkpoint is built in a folder created exclusively under an unpredictable name beside `folder` (a file or
     symlink planted there is never written through), then renamed into place.
     """
+    params = {name: p.float().contiguous().cpu() for name, p in proxyv_state(model).items()}
+    tensors: dict[str, torch.Tensor] = {}
+    saved = {"optimizer": _encode(optimizer.state_dict(), tensors),
+             "scheduler": _encode(scheduler.state_dict(), tensors)}
+    if not write:
+        return
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_checkpoint_leftovers(folder)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.", suffix=".tmp"))
     old = None
     try:
         os.chmod(tmp, file_mode(0o777))  # mkdtemp makes 0700 folders: give it the mode mkdir() would have
-        params = {name: p.detach().float().contiguous().cpu()
-                  for name, p in unwrap(model).model.proxyv.named_parameters()}
         save_file(params, tmp / "proxyv.safetensors")
-        tensors: dict[str, torch.Tensor] = {}
-        saved = {"optimizer": _encode(optimizer.state_dict(), tensors),
-                 "scheduler": _encode(scheduler.state_dict(), tensors)}
         save_file(tensors, tmp / OPTIMIZER_TENSORS)
         (tmp / OPTIMIZER_STATE).write_text(json.dumps(saved))
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -234,19 +242,27 @@ def check_checkpoint(folder: Path) -> None:
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
-    """Restore what `save_checkpoint` wrote, with safetensors and JSON only: no file is ever unpickled."""
+    """Restore what `save_checkpoint` wrote, with safetensors and JSON only: no file is ever unpickled. Under FSDP
+    each process takes its own part of every parameter and optimizer tensor."""
     check_checkpoint(folder)
     params = load_file(folder / "proxyv.safetensors")
     proxyv = unwrap(model).model.proxyv
     with torch.no_grad():
         for name, param in proxyv.named_parameters():
-            param.copy_(params[name].to(param.dtype))
+            param.copy_(shard_like(params[name].to(param.dtype), param))
     tensors = load_file(folder / OPTIMIZER_TENSORS)
     try:
         saved = json.loads((folder / OPTIMIZER_STATE).read_text())
         optimizer_state, scheduler_state = _decode(saved["optimizer"], tensors), _decode(saved["scheduler"], tensors)
     except (ValueError, KeyError, TypeError) as e:
         raise ProxyVError(f"{folder / OPTIMIZER_STATE} is damaged ({e}); delete {folder} to start over") from None
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]  # the state's integer keys
+    for index, values in optimizer_state["state"].items():
+        if not isinstance(index, int) or index >= len(ordered):
+            continue  # not a state this optimizer has: load_state_dict says so
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.shape == ordered[index].shape and value.dim() > 0:
+                values[key] = shard_like(value, ordered[index])  # moments sharded as their parameter
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     return json.loads((folder / "state.json").read_text())
@@ -257,7 +273,7 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     were), tensors moved into `tensors` and referenced by name. Python's JSON floats round-trip exactly."""
     if isinstance(value, torch.Tensor):
         name = str(len(tensors))
-        tensors[name] = value.detach().cpu().contiguous().clone()
+        tensors[name] = full_tensor(value.detach()).cpu().contiguous().clone()
         return {"tensor": name}
     if isinstance(value, dict):
         return {"dict": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
@@ -532,6 +548,7 @@ def distill(
         raise ProxyVError(f"{model_dir} is not a ProxyV model folder; make one with `proxyv convert`")
     if out is not None and out.exists() and not resume:
         raise ProxyVError(f"{out} already exists; choose another --out or remove it")
+    check_launch(settings.mixed_precision)
     # Before any long work: where the checkpoints and the result go must be writable
     for folder in (checkpoint_folder(model_dir, out), model_dir if out is None else out.parent):
         check_writable(folder)
@@ -591,11 +608,21 @@ def _distill_locked(model_dir: Path, data: str, family: Family, settings: Distil
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     model.train()
+    sharding = None  # what each process holds, under FSDP
+    if fsdp_requested():
+        # Fused K/V copies (made on CUDA) would outlive the weights FSDP gathers for a layer and frees after it.
+        model.fuse_projections(False)
+        sharding = shard_model(model, accelerator.device.type, accelerator.num_processes)
+    sharded = sharding is not None
     optimizer = torch.optim.AdamW(proxyv.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:  # sharded, the model is complete: accelerate would wrap it again (in DDP on CPU processes)
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     train_batcher = Batcher(train, processor, image_token_id, settings.max_length, family.image_inputs)
+    # Under FSDP a process whose micro-batch has no usable example still runs a forward (its gathers are collective):
+    # on the first usable example of the run, its loss times zero
+    fallback = first_usable(train_batcher, train_indices, settings.seed) if sharded else None
     eval_batcher = Batcher(evaluation, processor, image_token_id, settings.max_length, family.image_inputs)
     fingerprint = {"data": str(data), "examples": len(train_indices), "seed": settings.seed,
                    "batch_size": settings.batch_size, "gradient_accumulation": settings.gradient_accumulation,
@@ -628,11 +655,12 @@ def _distill_locked(model_dir: Path, data: str, family: Family, settings: Distil
             step = state["step"]
             indices = step_indices(len(train_indices), settings.seed, step, global_batch)
             mine = [train_indices[i] for i in indices[rank * per_process : (rank + 1) * per_process]]
-            logged = train_step(model, optimizer, train_batcher, mine, settings, accelerator, state)
+            logged = train_step(model, optimizer, train_batcher, mine, settings, accelerator, state, fallback=fallback)
             if not math.isfinite(logged["loss"]):
                 state["seconds"] = time.perf_counter() - started
-                if accelerator.is_main_process:
-                    save_checkpoint(checkpoints, model, optimizer, scheduler, state)
+                if accelerator.is_main_process or sharded:
+                    save_checkpoint(checkpoints, model, optimizer, scheduler, state,
+                                    write=accelerator.is_main_process)
                 raise ProxyVError(
                     f"the loss became {logged['loss']} at step {step + 1}; stopped without changing the model. "
                     f"The last good weights (step {step}) are saved in {checkpoints}: continue with {continue_with} "
@@ -647,12 +675,17 @@ def _distill_locked(model_dir: Path, data: str, family: Family, settings: Distil
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in logged.items()})
             done = state["step"] == settings.steps
-            if done or state["step"] % settings.checkpoint_every == 0 or interrupt.flag:
+            stop = interrupt.flag
+            if accelerator.num_processes > 1:  # every process stops at the same step (under FSDP saving is collective)
+                flags = torch.tensor([float(stop)], device=accelerator.device)
+                stop = bool(accelerator.reduce(flags, reduction="sum").item() > 0)
+            if done or state["step"] % settings.checkpoint_every == 0 or stop:
                 state["seconds"] = time.perf_counter() - started
-                if accelerator.is_main_process:
-                    save_checkpoint(checkpoints, model, optimizer, scheduler, state)
+                if accelerator.is_main_process or sharded:
+                    save_checkpoint(checkpoints, model, optimizer, scheduler, state,
+                                    write=accelerator.is_main_process)
                 accelerator.wait_for_everyone()
-            if interrupt.flag and not done:
+            if stop and not done:
                 bar.close()
                 raise ProxyVError(
                     f"interrupted at step {state['step']}; the progress is saved: continue with {continue_with}",
@@ -668,14 +701,16 @@ def _distill_locked(model_dir: Path, data: str, family: Family, settings: Distil
         "model": str(model_dir), "data": str(data), "held_out_split": held_split, "settings": settings.model_dump(),
         "columns": columns.model_dump(),
         "processes": accelerator.num_processes, "device": str(accelerator.device),
+        "sharding": sharding,
         "steps": state["step"], "wall_seconds": round(seconds, 2),
         "steps_per_second": round(state["step"] / max(seconds, 1e-9), 4),
         "skipped": {"undecodable_images": state["skipped_images"], "too_long": state["skipped_long"]},
         "loss_curve": state["losses"], "before": state["before"], "after": after,
     }
     target = out or model_dir
+    params = {f"model.proxyv.{n}": p for n, p in proxyv_state(model).items()} if sharded else {}
     if accelerator.is_main_process:
-        params = {f"model.proxyv.{n}": p.detach() for n, p in unwrap(model).model.proxyv.named_parameters()}
+        params = params or {f"model.proxyv.{n}": p.detach() for n, p in unwrap(model).model.proxyv.named_parameters()}
         command = distill_command(str(model_dir), str(data), settings, out=None if out is None else str(out),
                                   columns=columns) if record_command else None
         files = {DISTILL_REPORT: json.dumps(report, indent=1)}
@@ -687,34 +722,52 @@ def _distill_locked(model_dir: Path, data: str, family: Family, settings: Distil
     return DistillResult(out=target, steps=state["step"], seconds=seconds, report=report)
 
 
+def first_usable(batcher: Batcher, indices: list[int], seed: int, probe: int = 16) -> Batch:
+    """A batch of the first example of the run that is usable (`check_images_decode` and `check_lengths` made sure
+    one of the first `probe` is)."""
+    for i in step_indices(len(indices), seed, 0, min(probe, len(indices))):
+        batch = batcher([indices[i]])
+        if batch.used:
+            return batch
+    raise AssertionError("check_lengths lets no run start without a usable example")
+
+
 def train_step(model, optimizer, batcher: Batcher, indices: list[int], settings: DistillSettings, accelerator,
-               state: dict) -> dict[str, float]:
-    """Forward and backward over this process's micro-batches of one optimizer step; returns the mean loss terms."""
+               state: dict, fallback: Batch | None = None) -> dict[str, float]:
+    """Forward and backward over this process's micro-batches of one optimizer step; returns the mean loss terms.
+    A micro-batch with no usable example adds a zero loss: by the ProxyV parameters, or with `fallback` (under FSDP)
+    by a forward on that batch."""
     from contextlib import nullcontext
 
     totals: dict[str, float] = {}
+    skipped = torch.zeros(2, dtype=torch.int64)  # undecodable images, too long
     micro = settings.batch_size
     chunks = [indices[i : i + micro] for i in range(0, len(indices), micro)]
     for number, chunk in enumerate(chunks):
         batch = batcher(chunk)
-        state["skipped_images"] += batch.skipped_images
-        state["skipped_long"] += batch.skipped_long
+        skipped += torch.tensor([batch.skipped_images, batch.skipped_long])
         sync = nullcontext() if number == len(chunks) - 1 else accelerator.no_sync(model)
         with sync:
-            if batch.used == 0:  # nothing usable: a zero loss keeps the processes in step
+            if batch.used == 0 and fallback is None:  # nothing usable: a zero loss keeps the processes in step
                 loss = sum(p.sum() for p in unwrap(model).model.proxyv.parameters()) * 0.0
                 terms = {}
             else:
+                weight = 1.0 if batch.used else 0.0
+                batch = batch if batch.used else fallback
                 batch.inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
                 batch.image_mask = batch.image_mask.to(accelerator.device)
                 with accelerator.autocast():
                     teacher, student = teacher_and_student(model, batch)
                     terms = distill_losses(unwrap(model), student, teacher, batch, settings)
-                loss = terms["loss"]
+                loss = terms["loss"] * weight
+                terms = terms if weight else {}
             accelerator.backward(loss / len(chunks))
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + float(torch.as_tensor(value).detach()) / len(chunks)
     values = torch.tensor([totals.get(k, 0.0) for k in ("loss", "vision", "text", "kl")], device=accelerator.device)
     values = accelerator.reduce(values, reduction="mean")
+    skipped = accelerator.reduce(skipped.to(accelerator.device), reduction="sum")  # every process's examples
+    state["skipped_images"] += int(skipped[0])
+    state["skipped_long"] += int(skipped[1])
     names = ["loss", "vision", "text"] + (["kl"] if settings.kl_weight > 0 else [])
     return {name: float(values[i]) for i, name in enumerate(names)}

@@ -11,12 +11,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .remote.configuration_proxyv import ProxyVLlavaConfig, ProxyVLlavaNextConfig
+from .remote.configuration_proxyv import (
+    ProxyVLlavaConfig,
+    ProxyVLlavaNextConfig,
+    ProxyVLlavaNextVideoConfig,
+    ProxyVLlavaOnevisionConfig,
+)
 from .remote.modeling_proxyv import (
     ProxyVLlavaForConditionalGeneration,
     ProxyVLlavaModel,
     ProxyVLlavaNextForConditionalGeneration,
     ProxyVLlavaNextModel,
+    ProxyVLlavaNextVideoForConditionalGeneration,
+    ProxyVLlavaNextVideoModel,
+    ProxyVLlavaOnevisionForConditionalGeneration,
+    ProxyVLlavaOnevisionModel,
 )
 
 # Source checkpoint key -> native key of the ProxyV model with head; the first matching rule wins. `{vision}` is
@@ -33,6 +42,12 @@ LLAVA_NEXT_KEY_RULES = (
     (r"^image_newline$", "model.image_newline"),
     (r"^model\.image_newline$", "model.image_newline"),
     *LLAVA_KEY_RULES,
+)
+# LLaVA-OneVision and LLaVA-NeXT-Video checkpoints (llava-hf) use LLaVA-NeXT's layout; NeXT-Video's frame pooler has
+# weights only in its "conv" mode.
+LLAVA_NEXT_VIDEO_KEY_RULES = (
+    (r"^(model\.)?vision_resampler\.", "model.vision_resampler."),
+    *LLAVA_NEXT_KEY_RULES,
 )
 
 # (pixel_values, extra batch inputs, image tokens per image) of `count` synthetic images for a loaded model
@@ -62,6 +77,14 @@ def _llava_next_images(model, count: int, generator: torch.Generator) -> tuple[t
     return pixel_values, {"image_sizes": torch.tensor([[height, width]] * count)}, per_image
 
 
+def _llava_onevision_images(model, count: int, generator: torch.Generator) -> tuple[torch.Tensor, dict, int]:
+    """Every image at the largest AnyRes resolution, each counted as alone in its prompt (so it gets its crops: 36 +
+    the base crop for OneVision's pinpoints, the high-resolution grid shrunk to `anyres_max_9`)."""
+    pixel_values, extra, _ = _llava_next_images(model, count, generator)
+    per_image = model.model.image_layout(extra["image_sizes"][0].tolist())[0]
+    return pixel_values, {**extra, "batch_num_images": torch.ones(count, dtype=torch.long)}, per_image
+
+
 @dataclass(frozen=True)
 class Family:
     """What the pipeline needs to know about one model family."""
@@ -76,6 +99,18 @@ class Family:
     label: str  # the model card's architecture row
     tags: tuple[str, ...]  # the model card's Hub tags for the family
     proxies_note: str  # the model card's proxy row, after the per-grid count ("" when nothing to add)
+    video: bool = False  # prompts may hold videos (`pixel_values_videos`); their proxies may span frames
+    vllm: str = ""  # its model class for vLLM in vllm_model.py ("": vLLM serving not supported)
+
+    def video_settings(self, video_frames: int) -> dict:
+        """The ProxyV config fields of the frames per video proxy group (`proxyv.video_frames`); ValueError for a
+        family without video when it asks for groups of frames."""
+        if self.video:
+            return {"proxyv_video_frames": video_frames}
+        if video_frames != 1:
+            raise ValueError(f"video_frames {video_frames} applies to video families only; '{self.model_type}' "
+                             "takes no video (use 1)")
+        return {}
 
     @property
     def proxyv_model_type(self) -> str:
@@ -97,6 +132,7 @@ FAMILIES: dict[str, Family] = {
             model_type="llava", config=ProxyVLlavaConfig, base=ProxyVLlavaModel,
             head=ProxyVLlavaForConditionalGeneration, key_rules=LLAVA_KEY_RULES, image_inputs=("pixel_values",),
             synthetic_images=_llava_images, label="LLaVA", tags=("llava",), proxies_note="",
+            vllm="ProxyVLlavaForConditionalGeneration",
         ),
         Family(
             model_type="llava_next", config=ProxyVLlavaNextConfig, base=ProxyVLlavaNextModel,
@@ -104,6 +140,26 @@ FAMILIES: dict[str, Family] = {
             image_inputs=("pixel_values", "image_sizes"), synthetic_images=_llava_next_images,
             label="LLaVA-NeXT (AnyRes crops, newline tokens computed like text)", tags=("llava", "llava_next"),
             proxies_note=" per crop grid; the high-resolution grid is downsampled by the same factor",
+            vllm="ProxyVLlavaNextForConditionalGeneration",
+        ),
+        Family(
+            model_type="llava_onevision", config=ProxyVLlavaOnevisionConfig, base=ProxyVLlavaOnevisionModel,
+            head=ProxyVLlavaOnevisionForConditionalGeneration, key_rules=LLAVA_NEXT_KEY_RULES,
+            image_inputs=("pixel_values", "image_sizes", "batch_num_images"),
+            synthetic_images=_llava_onevision_images,
+            label="LLaVA-OneVision (AnyRes crops up to anyres_max_9, newline tokens computed like text; video)",
+            tags=("llava", "llava_onevision", "video-text-to-text"),
+            proxies_note=" per crop grid and per video frame group; the high-resolution grid and the frames are "
+            "downsampled by the same factor", video=True,
+        ),
+        Family(
+            model_type="llava_next_video", config=ProxyVLlavaNextVideoConfig, base=ProxyVLlavaNextVideoModel,
+            head=ProxyVLlavaNextVideoForConditionalGeneration, key_rules=LLAVA_NEXT_VIDEO_KEY_RULES,
+            image_inputs=("pixel_values", "image_sizes"), synthetic_images=_llava_next_images,
+            label="LLaVA-NeXT-Video (AnyRes crops, newline tokens computed like text; video)",
+            tags=("llava", "llava_next_video", "video-text-to-text"),
+            proxies_note=" per crop grid and per video frame group; the high-resolution grid and the frames are "
+            "downsampled by the same factor", video=True,
         ),
     )
 }

@@ -151,6 +151,7 @@ def _convert(recipe: Recipe, output: Path, progress: bool, restart: bool, comman
         reduce_factor=recipe.proxyv.reduce_factor, dtype=recipe.model.dtype, overwrite=restart,
         revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, progress=progress,
         proxy=recipe.proxyv.proxy, learned_proxies=recipe.proxyv.learned_proxies,
+        video_frames=recipe.proxyv.video_frames,
     )
     return {"parameters_added": result.parameters_added}
 

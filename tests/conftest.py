@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,13 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
 from hub_server import local_hub  # noqa: E402,F401
+
+
+def pytest_ignore_collect(collection_path, config):
+    # tests/vllm need vLLM, which lives in its own environment (see tests/vllm/conftest.py); CI runs them there.
+    if collection_path == TESTS / "vllm" and importlib.util.find_spec("vllm") is None:
+        return True
+    return None
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: `-n auto` starts one worker per usable core

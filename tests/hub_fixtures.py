@@ -22,7 +22,17 @@ from hub_server import LocalHub
 from huggingface_hub import HfApi
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
-from tiny_models import tiny_llava, tiny_llava_next, tiny_next_processor, tiny_processor
+from tiny_models import (
+    VIDEO_CHAT_TEMPLATE,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_next_processor,
+    tiny_next_video,
+    tiny_next_video_processor,
+    tiny_onevision,
+    tiny_onevision_processor,
+    tiny_processor,
+)
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, PreTrainedConfig
 
 # The top-level key prefixes of every tensor in a llava-hf checkpoint.
@@ -43,10 +53,13 @@ STATE_DICT_TO_LLAVA_HF = (
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.image_newline", "image_newline"),
 )
-FAMILIES = ("llava", "llava_next")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "llava_next_video")
+VIDEO_FAMILIES = ("llava_onevision", "llava_next_video")  # processors with a video processor (needs torchvision)
 # What the Hub repos name: their config.json's transformers_version and the model card's paper.
-HUB_TRANSFORMERS_VERSION = {"llava": "4.36.0.dev0", "llava_next": "4.39.0.dev0"}
-ARXIV = {"llava": "2304.08485", "llava_next": "2310.03744"}
+HUB_TRANSFORMERS_VERSION = {"llava": "4.36.0.dev0", "llava_next": "4.39.0.dev0", "llava_onevision": "4.45.0.dev0",
+                            "llava_next_video": "4.42.0.dev0"}
+ARXIV = {"llava": "2304.08485", "llava_next": "2310.03744", "llava_onevision": "2408.03326",
+         "llava_next_video": "2310.03744"}
 TEXT_MODELS = {  # text model_type -> (architecture, the base model llava-hf's text_config names)
     "llama": ("LlamaForCausalLM", "lmsys/vicuna-7b-v1.5"),
     "mistral": ("MistralForCausalLM", "mistralai/Mistral-7B-Instruct-v0.2"),
@@ -104,6 +117,8 @@ def _vision_config(vision: PreTrainedConfig) -> dict[str, Any]:
     out = {key: getattr(vision, key) for key in VISION_KEYS if hasattr(vision, key)}
     if vision.model_type == "clip_vision_model":
         out["vocab_size"] = 32000
+    if vision.model_type == "siglip_vision_model":  # OneVision's SigLIP without its pooling head
+        out["vision_use_head"] = vision.vision_use_head
     return dict(sorted(out.items()))
 
 
@@ -135,9 +150,15 @@ def llava_hf_config(model: LlavaModel) -> dict[str, Any]:
             out["image_seq_length"] = config.image_seq_length
     elif config.tie_word_embeddings:
         out["tie_word_embeddings"] = True
-    if family == "llava_next":
+    if family != "llava":
         out["image_grid_pinpoints"] = [list(p) for p in config.image_grid_pinpoints]
         out["use_image_newline_parameter"] = True
+    if family in VIDEO_FAMILIES:
+        out["video_token_index"] = config.video_token_index
+    if family == "llava_onevision":
+        out["vision_aspect_ratio"] = config.vision_aspect_ratio
+    if family == "llava_next_video":
+        out.update(spatial_pool_mode=config.spatial_pool_mode, spatial_pool_stride=config.spatial_pool_stride)
     if not getattr(config, "multimodal_projector_bias", True):
         out["multimodal_projector_bias"] = False
     return dict(sorted(out.items()))
@@ -169,7 +190,8 @@ def _write_weights(path: Path, tensors: dict[str, torch.Tensor], shards: int) ->
 
 def _model_card(family: str, license: str) -> str:
     """A llava-hf-style README.md: YAML front matter (licence, pipeline tag, paper), then a short body."""
-    title = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}[family]
+    title = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-Onevision",
+             "llava_next_video": "LLaVA-NeXT-Video"}[family]
     return (
         f"---\nlanguage:\n- en\npipeline_tag: image-text-to-text\ninference: false\narxiv: {ARXIV[family]}\n"
         f"license: {license}\ntags:\n- vision\n- image-text-to-text\n---\n\n# {title} Model Card (tiny test copy)\n\n"
@@ -196,11 +218,20 @@ def save_llava_hf(
     elif family == "llava_next":
         model = tiny_llava_next(seed, layers=layers, hidden=hidden)
         processor = tiny_next_processor(model.config)
+    elif family == "llava_onevision":
+        model = tiny_onevision(seed, layers=layers, hidden=hidden)
+        processor = tiny_onevision_processor(model.config)
+    elif family == "llava_next_video":
+        model = tiny_next_video(seed, layers=layers, hidden=hidden)
+        processor = tiny_next_video_processor(model.config)
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    processor.save_pretrained(path)
+    if family in VIDEO_FAMILIES:
+        _save_video_processor(path, processor)
+    else:
+        processor.save_pretrained(path)
     _write_json(path / "config.json", llava_hf_config(model))
     text = model.config.text_config
     _write_json(path / "generation_config.json", {
@@ -210,6 +241,23 @@ def save_llava_hf(
     _write_weights(path, llava_hf_state_dict(model), shards)
     (path / "README.md").write_text(_model_card(family, license))
     return path
+
+
+def _save_video_processor(path: Path, processor) -> None:
+    """The processor files of a llava-hf video-family repo. transformers cannot save (or load) these processors without
+    torchvision, for want of their video processor: the parts are written one by one, with the Hub's file names."""
+    processor.image_processor.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    fields = {key: getattr(processor, key) for key in ("image_token", "video_token", "num_image_tokens",
+                                                      "vision_aspect_ratio", "patch_size",
+                                                      "vision_feature_select_strategy", "num_additional_image_tokens")
+              if getattr(processor, key, None) is not None}
+    _write_json(path / "processor_config.json", {"processor_class": type(processor).__name__, **fields})
+    _write_json(path / "chat_template.json", {"chat_template": VIDEO_CHAT_TEMPLATE})
+    size = processor.image_processor.size
+    video_class = type(processor).__name__.replace("Processor", "VideoProcessor")
+    _write_json(path / "video_preprocessor_config.json", {"video_processor_type": video_class, "size": dict(size),
+                                                          "do_resize": True, "do_normalize": True})
 
 
 def publish_folder(hub: LocalHub, repo_id: str, folder: Path, repo_type: str = "model") -> str:

@@ -27,7 +27,8 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
 
     `grids`: (first row, rows, columns, row stride) of every image grid; by default each run of grid*grid image
     tokens is one square grid (LLaVA-1.5). Image tokens outside every grid (LLaVA-NeXT's newlines) act as text that
-    proxies do not see.
+    proxies do not see. A video grid adds (frames, rows between frames): its frames share one set of proxies, made
+    from the frames' mean. Video tokens count as image tokens.
     """
     config = model.config
     start, factor, side = config.proxyv_start_layer, config.proxyv_reduce_factor, config.proxyv_grid
@@ -38,14 +39,17 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
     hidden = states.hidden_states[start][0]  # (T, H): the input of the start layer
 
     seq = input_ids.shape[0]
-    image_rows = [t for t in range(seq) if input_ids[t] == config.image_token_id]
+    media_ids = {config.image_token_id, getattr(config, "video_token_id", None)}
+    image_rows = [t for t in range(seq) if int(input_ids[t]) in media_ids]
     if grids is None:
         grids = [(image_rows[i], side, side, side) for i in range(0, len(image_rows), side * side)]
     # tokens: dicts with kind, order (causal), pos (RoPE), state
     tokens = [{"kind": "newline" if t in image_rows else "text", "order": t, "pos": t, "row": t} for t in range(seq)]
     learned = config.proxyv_proxy == "learned"
-    for k, (first, height, width, stride) in enumerate(grids):
-        rows = [first + i * stride + j for i in range(height) for j in range(width)]
+    for k, (first, height, width, stride, *video) in enumerate(grids):
+        frames, frame_stride = video or (1, 0)
+        rows = [first + f * frame_stride + i * stride + j
+                for f in range(frames) for i in range(height) for j in range(width)]
         if learned:  # learned queries attend over the grid's tokens; the same weights carry the context back
             module = model.model.proxyv.learned
             keys = module.key(rms(hidden[rows], module.norm.weight, module.norm.eps))
@@ -54,14 +58,14 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
             back = weights.T / weights.T.sum(-1, keepdim=True)  # (N, K)
         else:
             ph, pw = -(-height // factor), -(-width // factor)
-            grid_states = hidden[rows].T.reshape(1, -1, height, width)
+            grid_states = hidden[rows].T.reshape(-1, frames, height, width).mean(1)[None]  # (1, H, h, w)
             small = F.interpolate(grid_states, size=(ph, pw), mode="bilinear", align_corners=False)[0]
             made = [small[:, j // pw, j % pw] for j in range(ph * pw)]
         for j, state in enumerate(made):
             tokens.append({"kind": "proxy", "order": first + j, "pos": first + j, "image": k, "cell": j,
                            "state": state})
         for index, row in enumerate(rows):
-            i, j = divmod(index, width)
+            i, j = divmod(index % (height * width), width)
             if learned:
                 tokens[row].update(kind="vision", image=k, back=back[index])
             else:

@@ -582,6 +582,7 @@ BAD_SETTINGS = [
     (ProxyVSection, {"start_layer": 10**6}, "--start-layer"),
     (ProxyVSection, {"start_layer": 2, "reduce_factor": 10**5}, "--reduce-factor"),
     (ProxyVSection, {"start_layer": 2, "learned_proxies": 10**9}, "--learned-proxies"),
+    (ProxyVSection, {"start_layer": 2, "video_frames": 0}, "--video-frames"),
 ]
 
 

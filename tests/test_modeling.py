@@ -599,9 +599,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(source):
 
 
 def test_partial_image_is_refused(proxyv):
+    """Image tokens that are not whole images are refused (given as embeddings, which LLaVA passes on as they are;
+    token ids without images are ordinary tokens, tests/test_downstream.py)."""
     prompt = PROMPTS["one image"][:100]
     with pytest.raises(ValueError, match="whole images of 576 image tokens"):
-        proxyv(input_ids=torch.tensor([prompt]))
+        proxyv(inputs_embeds=proxyv.get_input_embeddings()(torch.tensor([prompt])))
 
 
 def test_output_attentions_is_refused_with_proxyv_on(proxyv):

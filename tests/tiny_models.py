@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -16,9 +19,17 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     MistralConfig,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     Qwen2Config,
     SiglipVisionConfig,
 )
@@ -185,3 +196,138 @@ def save_tiny_llava_next(path: Path, seed: int = 0, **kwargs) -> Path:
     model.save_pretrained(path)
     tiny_next_processor(model.config).save_pretrained(path)
     return Path(path)
+
+
+# --- LLaVA-OneVision and LLaVA-NeXT-Video (images and videos) --------------------------------------------------------
+
+VIDEO_VOCAB = [*VOCAB[:-1], "<video>"]  # the last filler word becomes the video token; every other id is unchanged
+VIDEO_TOKEN_ID = len(VOCAB) - 1
+VIDEO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% if item['type'] == 'image' %} <image>", "{% if item['type'] == 'image' %} <image>"
+    "{% elif item['type'] == 'video' %} <video>"
+)
+OV_GRID = 9  # odd, as SigLIP-384/14's 27: a video frame's grid is interpolated to ceil(9 / 2) = 5 per side
+OV_PINPOINTS = [[36, 36], [36, 72], [72, 36], [72, 72], [108, 108]]
+OV_ASPECT = "anyres_max_4"  # the 3x3-crop pinpoint (27x27 tokens) is shrunk, as anyres_max_9 shrinks OneVision's 6x6
+
+
+def tiny_video_tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VIDEO_VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    return tokenizer
+
+
+def _text_config(text: str, layers: int, hidden: int):
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text]
+    return text_class(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(VOCAB), max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def tiny_onevision_config(text: str = "qwen2", *, layers: int = 4, hidden: int = 64) -> LlavaOnevisionConfig:
+    vision_config = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=OV_GRID * 4, patch_size=4, vision_use_head=False,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision_config.to_dict(), text_config=_text_config(text, layers, hidden).to_dict(),
+        image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID, image_grid_pinpoints=OV_PINPOINTS,
+        vision_aspect_ratio=OV_ASPECT, vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )
+
+
+def tiny_onevision(seed: int = 0, **kwargs) -> LlavaOnevisionForConditionalGeneration:
+    torch.manual_seed(seed)
+    return _sharpened(LlavaOnevisionForConditionalGeneration(tiny_onevision_config(**kwargs)).eval())
+
+
+@contextlib.contextmanager
+def _without_video_processor() -> Iterator[None]:
+    """A video-capable processor built with `video_processor=None`: transformers checks every sub-processor's class,
+    and without torchvision the video processor's class cannot even be looked up (a real one needs torchvision)."""
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, argument: None):
+        yield
+
+
+def tiny_onevision_processor(config: LlavaOnevisionConfig) -> LlavaOnevisionProcessor:
+    """The image processor and tokenizer (no video processor: it needs torchvision; tests build video inputs)."""
+    size = config.vision_config.image_size
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size}, image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+    with _without_video_processor():
+        return LlavaOnevisionProcessor(
+            image_processor=image_processor, tokenizer=tiny_video_tokenizer(), num_image_tokens=OV_GRID * OV_GRID,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=VIDEO_CHAT_TEMPLATE,
+            vision_aspect_ratio=config.vision_aspect_ratio,
+        )
+
+
+def tiny_next_video_config(text: str = "llama", *, layers: int = 4, hidden: int = 64) -> LlavaNextVideoConfig:
+    """LLaVA-NeXT's tiny AnyRes model plus video: each frame's 8x8 grid average-pooled to 4x4."""
+    next_config = tiny_llava_next_config(text, layers=layers, hidden=hidden)
+    return LlavaNextVideoConfig(
+        vision_config=next_config.vision_config.to_dict(), text_config=next_config.text_config.to_dict(),
+        image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID, image_grid_pinpoints=NEXT_PINPOINTS,
+        vision_feature_select_strategy="default", vision_feature_layer=-2, spatial_pool_stride=2,
+    )
+
+
+def tiny_next_video(seed: int = 0, **kwargs) -> LlavaNextVideoForConditionalGeneration:
+    torch.manual_seed(seed)
+    return _sharpened(LlavaNextVideoForConditionalGeneration(tiny_next_video_config(**kwargs)).eval())
+
+
+def tiny_next_video_processor(config: LlavaNextVideoConfig) -> LlavaNextVideoProcessor:
+    size = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+    with _without_video_processor():
+        return LlavaNextVideoProcessor(
+            image_processor=image_processor, tokenizer=tiny_video_tokenizer(),
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=VIDEO_CHAT_TEMPLATE,
+            num_additional_image_tokens=1,
+        )
+
+
+def video_tokens(model_config, frames: int) -> int:
+    """Video tokens of one video of `frames` frames, as the family's processor counts them."""
+    side = model_config.vision_config.image_size // model_config.vision_config.patch_size
+    stride = getattr(model_config, "spatial_pool_stride", None)
+    if stride is None:  # OneVision: frames interpolated to ceil(side / 2), one newline per video
+        return frames * (-(-side // 2)) ** 2 + 1
+    return frames * (side // stride) ** 2
+
+
+VIDEO_MARK = VIDEO_VOCAB[-2]  # a plain word standing for a video in prompt text, see `expand_videos`
+
+
+def expand_videos(batch: dict, config, frames: int, side: str = "left") -> dict:
+    """A processor batch whose prompts hold the word VIDEO_MARK where a video goes, with each turned into the video
+    tokens of a video of `frames` frames (the processors' video path needs torchvision) and the padding redone on
+    `side`."""
+    count, mark = video_tokens(config, frames), VIDEO_VOCAB.index(VIDEO_MARK)
+    rows = []
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        real = ids[mask.bool()].tolist()
+        expanded = []
+        for token in real:
+            expanded += [VIDEO_TOKEN_ID] * count if token == mark else [token]
+        rows.append(expanded)
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        place = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, place], mask[i, place] = torch.tensor(row), 1
+    return {**batch, "input_ids": ids, "attention_mask": mask}

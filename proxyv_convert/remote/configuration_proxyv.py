@@ -5,7 +5,7 @@ A ProxyV config is the configuration of the LLaVA checkpoint it was converted fr
 copied into every converted checkpoint and loaded with `trust_remote_code=True`.
 """
 
-from transformers import LlavaConfig, LlavaNextConfig
+from transformers import LlavaConfig, LlavaNextConfig, LlavaNextVideoConfig, LlavaOnevisionConfig
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 # Vision towers with a 2-D patch grid, and whether they prepend a CLS token to it.
@@ -162,4 +162,85 @@ class ProxyVLlavaNextConfig(ProxyVConfigMixin, LlavaNextConfig):
     proxyv_base_model: str | None = None
 
 
-__all__ = ["ProxyVLlavaConfig", "ProxyVLlavaNextConfig"]
+
+
+# --- LLaVA-OneVision and LLaVA-NeXT-Video (images and videos) ---------------------------------------------------------
+
+
+def video_frame_grid(config) -> int:
+    """Side of one video frame's token grid after the family's pooling: OneVision interpolates each frame's grid to
+    ceil(side / 2) per side; LLaVA-NeXT-Video pools it with `spatial_pool_stride` (kernel = stride, so floor)."""
+    side = vision_grid(config)[0]
+    stride = getattr(config, "spatial_pool_stride", None)
+    return -(-side // 2) if stride is None else side // stride
+
+
+def check_video_settings(config) -> None:
+    """The video fields of a ProxyV config: proxies for video are made over `proxyv_video_frames` neighbouring frames
+    (1: per frame, the spatial baseline)."""
+    frames = config.proxyv_video_frames
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+        raise ValueError(f"proxyv_video_frames must be a whole number of frames, 1 or more; got {frames!r}")
+    if frames > 1 and config.proxyv_proxy != "spatial":
+        raise ValueError("proxyv_video_frames > 1 (proxies across neighbouring frames) needs proxy 'spatial'")
+
+
+VIDEO_DOC = r"""
+        proxyv_video_frames (`int`, defaults to 1):
+            Video proxies are made over this many neighbouring frames: each frame's grid is downsampled by
+            `proxyv_reduce_factor` and the frames of a group are averaged in time (1: proxies per frame). A video's
+            last group may hold fewer frames.
+"""
+
+
+class ProxyVVideoConfigMixin(ProxyVConfigMixin):
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_video_settings(self)
+
+    @property
+    def proxyv_frame_grid(self) -> int:
+        """Side of one video frame's token grid."""
+        return video_frame_grid(self)
+
+
+class ProxyVLlavaOnevisionConfig(ProxyVVideoConfigMixin, LlavaOnevisionConfig):
+    __doc__ = (
+        "[`LlavaOnevisionConfig`] plus the ProxyV settings; `proxyv_reduce_factor` must divide the base crop's grid "
+        "(27 for SigLIP-384/14: 1, 3, 9 or 27) and applies to every grid (the unpadded high-resolution grid and video "
+        "frames, rounding up).\n" + PROXYV_DOC + VIDEO_DOC
+    )
+
+    model_type = "proxyv_llava_onevision"
+
+    proxyv_start_layer: int | None = None
+    proxyv_reduce_factor: int = 3
+    proxyv_enabled: bool = True
+    proxyv_vision_mlp_size: int | None = None
+    proxyv_vision_mlp: str = "residual"
+    proxyv_proxy: str = "spatial"
+    proxyv_learned_proxies: int | None = None
+    proxyv_base_model: str | None = None
+    proxyv_video_frames: int = 1
+
+
+class ProxyVLlavaNextVideoConfig(ProxyVVideoConfigMixin, LlavaNextVideoConfig):
+    __doc__ = (
+        "[`LlavaNextVideoConfig`] plus the ProxyV settings; `proxyv_reduce_factor` applies to every crop's grid and to "
+        "every (pooled) video frame's grid.\n" + PROXYV_DOC + VIDEO_DOC
+    )
+
+    model_type = "proxyv_llava_next_video"
+
+    proxyv_start_layer: int | None = None
+    proxyv_reduce_factor: int = 4
+    proxyv_enabled: bool = True
+    proxyv_vision_mlp_size: int | None = None
+    proxyv_vision_mlp: str = "residual"
+    proxyv_proxy: str = "spatial"
+    proxyv_learned_proxies: int | None = None
+    proxyv_base_model: str | None = None
+    proxyv_video_frames: int = 1
+
+
+__all__ = ["ProxyVLlavaConfig", "ProxyVLlavaNextConfig", "ProxyVLlavaNextVideoConfig", "ProxyVLlavaOnevisionConfig"]

@@ -19,8 +19,10 @@ and loaded with `trust_remote_code=True`.
 """
 
 import contextlib
+import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,15 +30,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration, LlavaNextModel
+from transformers import (
+    GenerationMixin,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+)
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextPreTrainedModel,
     get_anyres_image_grid_shape,
     unpad_image,
 )
+from transformers.models.llava_next_video.modeling_llava_next_video import (
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoModel,
+    LlavaNextVideoPreTrainedModel,
+)
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
+    LlavaOnevisionPreTrainedModel,
+)
 
-from .configuration_proxyv import ProxyVLlavaConfig, ProxyVLlavaNextConfig, vision_grid
+from .configuration_proxyv import (
+    ProxyVLlavaConfig,
+    ProxyVLlavaNextConfig,
+    ProxyVLlavaNextVideoConfig,
+    ProxyVLlavaOnevisionConfig,
+    vision_grid,
+)
 
 # The additive attention bias of a masked key: what torch itself turns a boolean mask into for cuDNN attention (where
 # -inf can give NaNs); finite in float16 and bfloat16, and far enough below any score that the softmax gives exactly 0.
@@ -239,16 +263,21 @@ class ProxyVModules(nn.Module):
 class ProxyVGrid:
     """One image's 2-D grid of vision tokens in a prompt: cell (i, j) is row `start + i * stride + j`.
 
-    `stride` is `width` for a plain grid and `width + 1` when every grid row ends with a newline token.
+    `stride` is `width` for a plain grid and `width + 1` when every grid row ends with a newline token. A grid of
+    several video frames (`frames` > 1, frame k's cells `k * frame_stride` rows further on) shares one set of proxies,
+    the frames averaged in time.
     """
 
     start: int
     height: int
     width: int
     stride: int
+    frames: int = 1
+    frame_stride: int = 0
 
     def rows(self) -> np.ndarray:
-        return (self.start + np.arange(self.height)[:, None] * self.stride + np.arange(self.width)).reshape(-1)
+        cells = (self.start + np.arange(self.height)[:, None] * self.stride + np.arange(self.width)).reshape(-1)
+        return cells if self.frames == 1 else (np.arange(self.frames)[:, None] * self.frame_stride + cells).reshape(-1)
 
     def proxy_shape(self, factor: int) -> tuple[int, int]:
         return -(-self.height // factor), -(-self.width // factor)  # ceil: a partial block still gets a proxy
@@ -269,6 +298,19 @@ def padded(items: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def flat_rows(index: np.ndarray, rows: int) -> np.ndarray:
     """(B, K) row indices into (B, rows, D) -> (B*K,) indices into its (B*rows, D) view."""
     return (index + np.arange(index.shape[0])[:, None] * rows).reshape(-1)
+
+
+@dataclass
+class ProxyVContext:
+    """What ProxyV prefills leave beside a KV cache for a later prefill that continues it (a chat's next turn with an
+    image): which cached rows a proxy may see (text; not full vision or newline tokens; rows past `proxy_sees` are
+    text), and the proxies made so far, their causal order and, per layer, their keys and values. The proxies never
+    enter the cache itself, so decoding never sees them."""
+
+    proxy_sees: np.ndarray  # (B, L) over the first L cached rows
+    proxy_order: np.ndarray  # (B, P0)
+    proxy_valid: np.ndarray  # (B, P0)
+    keys: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> keys and values (B, kv_h, P0, d)
 
 
 class ProxyVPlan:
@@ -296,10 +338,16 @@ class ProxyVPlan:
         modules: ProxyVModules,
         sliding_window: int | None = None,
         learned: int | None = None,
+        cached: int = 0,
+        cache_rows: int = 0,
+        cached_valid: np.ndarray | None = None,
+        previous: ProxyVContext | None = None,
     ):
         """`image_mask` and `attention_mask` (None, or which tokens are real): (B, T) booleans on the CPU; the plan's
         tensors are made for `device`. `learned`: proxies per grid made by the learned module (else spatial: the grid
-        downsampled by `factor`)."""
+        downsampled by `factor`). Continuing a cache of `cached` rows: the layers attend over the `cache_rows` key
+        rows it returns (the cached ones, which of them are real: `cached_valid` (B, cached), then these T), and over
+        the proxies of the prefills before (`previous`)."""
         batch, seq = image_mask.shape
         if attention_mask is not None:
             attention_mask = attention_mask.numpy()
@@ -318,17 +366,17 @@ class ProxyVPlan:
             rows, ups, srcs, offset = [], [], [], 0
             for grid in sample_grids:
                 ph, pw = grid.proxy_shape(factor) if learned is None else (1, learned)
-                key = (grid.height, grid.width, grid.stride, ph, pw)
+                key = (grid.height, grid.width, grid.stride, grid.frames, grid.frame_stride, ph, pw)
                 if key not in patterns:
                     cell_i = np.arange(grid.height)[:, None] * ph // grid.height  # nearest: floor(i * ph / h)
                     cell_j = np.arange(grid.width) * pw // grid.width
-                    patterns[key] = (ProxyVGrid(0, grid.height, grid.width, grid.stride).rows(),
-                                     (cell_i * pw + cell_j).reshape(-1), np.arange(ph * pw))
+                    patterns[key] = (dataclasses.replace(grid, start=0).rows(),
+                                     np.tile((cell_i * pw + cell_j).reshape(-1), grid.frames), np.arange(ph * pw))
                 grid_rows, grid_ups, proxy_range = patterns[key]
                 rows.append(grid.start + grid_rows)
                 ups.append(offset + grid_ups)
                 srcs.append(grid.start + proxy_range)
-                group = (grid.height, grid.width) if learned is None else (0, 0)
+                group = (grid.frames, grid.height, grid.width) if learned is None else (0, 0, 0)
                 groups.setdefault(group, []).append((b * seq + rows[-1], b, offset))
                 offset += ph * pw
             vision.append(np.concatenate(rows) if rows else _EMPTY)
@@ -359,10 +407,10 @@ class ProxyVPlan:
         # The grid groups of make_proxies: flat source rows and flat proxy slots of every grid of one shape.
         host: dict[str, np.ndarray] = {}
         group_shapes = []
-        for g, ((height, width), members) in enumerate(groups.items()):
+        for g, ((frames, height, width), members) in enumerate(groups.items()):
             if learned is None:
                 proxy_shape = ProxyVGrid(0, height, width, width).proxy_shape(factor)
-                group_shapes.append(((height, width), proxy_shape))
+                group_shapes.append(((frames, height, width), proxy_shape))
                 count = proxy_shape[0] * proxy_shape[1]
                 host[f"group_rows{g}"] = np.concatenate([rows for rows, _, _ in members])
                 host[f"group_slots{g}"] = np.concatenate(
@@ -402,6 +450,29 @@ class ProxyVPlan:
             attention_mask,
             sliding_window,
         )
+        self.cached, self.previous = cached, previous
+        old_order, old_valid = (_EMPTY.reshape(batch, 0), np.zeros((batch, 0), dtype=bool)) if previous is None else (
+            previous.proxy_order, previous.proxy_valid)
+        if cached:
+            seen = np.ones((batch, cached), dtype=bool)
+            if previous is not None:
+                recorded = min(cached, previous.proxy_sees.shape[1])
+                seen[:, :recorded] = previous.proxy_sees[:, :recorded]
+            valid = np.ones((batch, cached), dtype=bool) if cached_valid is None else cached_valid
+            sequence_valid = np.ones((batch, seq), dtype=bool) if attention_mask is None else attention_mask
+            query_valid = np.take_along_axis(np.concatenate([sequence_valid, proxy_valid], axis=1), query_index,
+                                             axis=1) & np.concatenate([text_valid, proxy_valid], axis=1)
+            query_order = cached + np.take_along_axis(key_order, query_index, axis=1)  # (B, Q)
+            host["mask"] = self._context_columns(
+                host["mask"], query_valid, query_order, seen & valid, valid, cache_rows - cached - seq, old_order,
+                old_valid, sliding_window)
+            # What a prefill after this one sees: these rows and proxies after the ones before.
+            seen = np.concatenate([seen, kind == TEXT], axis=1)
+        else:
+            seen = kind == TEXT
+        self.next_context = ProxyVContext(
+            proxy_sees=seen, proxy_order=np.concatenate([old_order, cached + proxy_source], axis=1),
+            proxy_valid=np.concatenate([old_valid, proxy_valid], axis=1), keys={})
         on_device = to_device({name: torch.from_numpy(array) for name, array in host.items()}, device)
         self.proxy_groups = [
             (shape, proxy_shape, on_device[f"group_rows{g}"], on_device[f"group_slots{g}"])
@@ -438,6 +509,42 @@ class ProxyVPlan:
         allowed[:, text_slots:] &= (key_valid & host["proxy_sees"])[:, None, :]
         np.put_along_axis(allowed, query_index[:, :, None], True, axis=2)  # a valid query already sees itself
         return allowed[:, None]
+
+    def _context_columns(self, mask: np.ndarray, query_valid: np.ndarray, query_order: np.ndarray,
+                         proxy_sees: np.ndarray, valid: np.ndarray, unused: int, old_order: np.ndarray,
+                         old_valid: np.ndarray, sliding_window: int | None) -> np.ndarray:
+        """The mask (B, 1, Q, T + P) of a prefill continuing a cache -> (B, 1, Q, C + T + E + P0 + P), the key rows
+        [cached rows; these rows; E unused cache rows (a static cache's); earlier proxies; these proxies]. A text
+        query sees every real cached row, a proxy the cached text and the earlier proxies: all come before it."""
+        batch, _, queries, _ = mask.shape
+        cached, text_slots, seq = valid.shape[1], self.num_text_slots, self.seq_len
+        is_proxy = (np.arange(queries) >= text_slots)[None, :, None]
+        before = np.where(is_proxy, proxy_sees[:, None, :], valid[:, None, :])  # (B, Q, C)
+        old = np.broadcast_to(is_proxy & old_valid[:, None, :], (batch, queries, old_valid.shape[1]))
+        if sliding_window is not None:  # orders in the whole sequence
+            before = before & (query_order[:, :, None] - np.arange(cached) < sliding_window)
+            old = old & (query_order[:, :, None] - old_order[:, None, :] < sliding_window)
+        before, old = before & query_valid[:, :, None], old & query_valid[:, :, None]
+        columns = [before, mask[:, 0, :, :seq], np.zeros((batch, queries, unused), dtype=bool), old,
+                   mask[:, 0, :, seq:]]
+        return np.concatenate(columns, axis=2)[:, None]
+
+    def keys_with_context(self, layer: int, cached: tuple[torch.Tensor, torch.Tensor] | None, key: torch.Tensor,
+                          value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keeps this layer's proxy keys/values (after the earlier prefills' ones) for a prefill continuing the cache,
+        and gives the keys/values to attend over: the layer's own (B, kv_h, T + P, d), or continuing a cache, the
+        cache's rows (`cached`, as its update returned them) and every proxy."""
+        seq = self.seq_len
+        proxy_key, proxy_value = key[:, :, seq:], value[:, :, seq:]
+        earlier = None if self.previous is None else self.previous.keys.get(layer)
+        if earlier is None:
+            proxy_key, proxy_value = proxy_key.clone(), proxy_value.clone()  # not views keeping the layer's keys
+        else:
+            proxy_key, proxy_value = torch.cat([earlier[0], proxy_key], 2), torch.cat([earlier[1], proxy_value], 2)
+        self.next_context.keys[layer] = (proxy_key, proxy_value)
+        if not self.cached:
+            return key, value
+        return torch.cat([cached[0], proxy_key], 2), torch.cat([cached[1], proxy_value], 2)
 
     def assemble(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
         """The layer's output rows (B, T+P, H) from the query slots' (B, Q, H) and the vision slots' (B, V, H)."""
@@ -489,8 +596,9 @@ class ProxyVPlan:
             made, self.learned_back = self.modules.learned(tokens, self.learned_valid)
             proxies = proxies.index_copy(0, self.learned_slots, made.reshape(-1, width))
             return proxies.view(batch, self.num_proxies, width)
-        for (height, grid_width), (ph, pw), rows, slots in self.proxy_groups:
-            grid = flat.index_select(0, rows).view(-1, height, grid_width, width).permute(0, 3, 1, 2)
+        for (frames, height, grid_width), (ph, pw), rows, slots in self.proxy_groups:
+            grid = flat.index_select(0, rows).view(-1, frames, height, grid_width, width)
+            grid = (grid[:, 0] if frames == 1 else grid.mean(1)).permute(0, 3, 1, 2)  # video frames: mean in time
             small = F.interpolate(grid, size=(ph, pw), mode="bilinear", align_corners=False)
             proxies = proxies.index_copy(0, slots, small.permute(0, 2, 3, 1).reshape(-1, width))
         return proxies.view(batch, self.num_proxies, width)
@@ -529,14 +637,22 @@ class ProxyVPendingPlan:
 
     def get(self) -> ProxyVPlan | None:
         if self._build is not None:
-            self._plan = self._build()
+            self._plan = _outside_graph(self._build)
             self._build = None
         return self._plan
 
     def argument_for(self, language_model: nn.Module) -> "ProxyVPlan | ProxyVPendingPlan | None":
-        """The `proxyv_plan` to call `language_model` with: the plan built now if it is compiled (building it inside
-        would be host code in its graph), else this pending plan, for its start layer to build."""
-        return self.get() if hasattr(language_model, "_orig_mod") else self
+        """The `proxyv_plan` to call `language_model` with: the plan built now if it is compiled or the caller is
+        (so that the graph breaks once, not in every ProxyV layer), else this pending plan, for its start layer to
+        build."""
+        return self.get() if hasattr(language_model, "_orig_mod") or torch.compiler.is_compiling() else self
+
+
+@torch.compiler.disable
+def _outside_graph(build: Callable[[], ProxyVPlan | None]) -> ProxyVPlan | None:
+    """Runs `build` eagerly under torch.compile: the plan is host-side NumPy work that dynamo would otherwise trace
+    into torch operations (some of which, like a cumulative sum of booleans, have no CPU kernel)."""
+    return build()
 
 
 def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -619,23 +735,33 @@ class ProxyVDecoderLayerMixin:
             self.fuse_projections()
         return result
 
-    def _fused(self, name: str, first: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The fused weight of `name` if it still holds `first`'s weight and no gradient reaches the weights. Not
-        under torch.compile: compiled with mode="reduce-overhead" on an H100 the fused products made batch-1 prefill
-        slower (25.9 ms against 17.6 ms with separate products, benchmarks/results/h100-2026-11-27b), where eager
-        and CUDA-graph runs gain from them."""
+    def _fused(self, name: str, *linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused weight (and bias) of `name` if `linears` are still plain linear layers whose parameters are its
+        rows, and no gradient reaches them. Otherwise the layers' own forwards run: an adapter (LoRA...) wrapping
+        any of them, or a weight replaced since fusing, is then computed as it is. Not under torch.compile: compiled
+        with mode="reduce-overhead" on an H100 the fused products made batch-1 prefill slower (25.9 ms against 17.6 ms
+        with separate products, benchmarks/results/h100-2026-11-27b), where eager and CUDA-graph runs gain from them."""
         if torch.compiler.is_compiling():
             return None
         pair = (self.__dict__.get("_proxyv_fused") or {}).get(name)
-        if pair is None or type(first) is not nn.Linear or (torch.is_grad_enabled() and first.weight.requires_grad):
+        if pair is None:
             return None
-        if first.weight.data_ptr() != pair[0].data_ptr():
-            return None  # the weights were replaced since they were fused
+        for joined, attr in zip(pair, ("weight", "bias"), strict=True):
+            address = None if joined is None else joined.data_ptr()
+            for linear in linears:
+                if type(linear) is not nn.Linear:
+                    return None
+                param = getattr(linear, attr)
+                if joined is None:
+                    continue
+                if param.data_ptr() != address or (torch.is_grad_enabled() and param.requires_grad):
+                    return None
+                address += param.numel() * param.element_size()
         return pair
 
     def _proxyv_kv(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attn = self.self_attn
-        pair = self._fused("kv", attn.k_proj)
+        pair = self._fused("kv", attn.k_proj, attn.v_proj)
         if pair is None:
             return attn.k_proj(normed), attn.v_proj(normed)
         key, value = F.linear(normed, *pair).split([attn.k_proj.out_features, attn.v_proj.out_features], dim=-1)
@@ -643,7 +769,7 @@ class ProxyVDecoderLayerMixin:
 
     def _proxyv_mlp(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
-        pair = self._fused("gate_up", mlp.gate_proj) if type(mlp).__name__ in _FUSABLE_MLPS else None
+        pair = self._fused("gate_up", mlp.gate_proj, mlp.up_proj) if type(mlp).__name__ in _FUSABLE_MLPS else None
         if pair is None:
             return mlp(x)
         gate, up = F.linear(x, *pair).chunk(2, dim=-1)
@@ -679,7 +805,8 @@ class ProxyVDecoderLayerMixin:
 
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:  # the cache gets the sequence's own keys/values, never the proxies'
-            cache.update(key[:, :, :seq], value[:, :, :seq], layer_idx)
+            cached = cache.update(key[:, :, :seq], value[:, :, :seq], layer_idx)
+            key, value = plan.keys_with_context(layer_idx, cached, key, value)
 
         attended = proxyv_attention(attn, query, key, value, plan.mask, bias).reshape(batch, queries, -1)
         residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
@@ -727,11 +854,25 @@ class ProxyVInitMixin:
 
 # Signature of the backbone's own forward, per ProxyV model class (see ProxyVModelMixin.forward).
 _FORWARD_SIGNATURES: dict[type, inspect.Signature] = {}
+# The forward arguments that carry images or videos (pixels, or features encoded beforehand).
+_VISUAL_INPUTS = ("pixel_values", "pixel_values_videos", "image_features", "video_features", "mm_encoder_outputs")
 
 
 class ProxyVModelMixin:
     """The ProxyV parts of a LLaVA-family base model: the ProxyV layers, the `proxyv` modules, the plan of a forward
     and the ProxyV-off switch. Subclasses say where each prompt's image grids are (`_image_grids`)."""
+
+    # The forward finds decoding steps by the cache's length, which a static cache keeps in a tensor, and builds the
+    # plan on the host: one graph cannot hold both.
+    _can_compile_fullgraph = False
+
+    def __init_subclass__(cls, **kwargs):
+        """Each model class's forward shows the backbone's own signature (transformers and users read it to find the
+        inputs, e.g. `main_input_name`), while running `ProxyVModelMixin.forward`."""
+        super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:
+            cls.forward = functools.wraps(super().forward)(
+                lambda self, *args, **kwargs: ProxyVModelMixin.forward(self, *args, **kwargs))
 
     def _attach_proxyv(self, config) -> None:
         """Swap the decoder layers from the start layer on for their ProxyV subclasses and add the ProxyV modules."""
@@ -795,6 +936,10 @@ class ProxyVModelMixin:
         image_mask = self._image_token_mask(arguments.get("input_ids"), arguments.get("inputs_embeds"))
         attention_mask = arguments.get("attention_mask")
         seq = image_mask.shape[1]
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        cached = 0 if cache is None else int(cache.get_seq_length())  # before this forward's layers add to it
+        if attention_mask is not None and attention_mask.dim() == 4:  # e.g. generate's, with eager and a static cache
+            attention_mask = attends_itself(attention_mask, cached)
         device = image_mask.device if device is None else torch.device(device)
         two_d = attention_mask is not None and attention_mask.dim() == 2
         masks = torch.cat([image_mask, attention_mask[:, -seq:].bool()]) if two_d else image_mask
@@ -805,13 +950,12 @@ class ProxyVModelMixin:
             copied.record(torch.cuda.current_stream(image_mask.device))
         else:
             masks = masks.cpu()
-        cache = arguments.get("cache", arguments.get("past_key_values"))
-        cached = 0 if cache is None else cache.get_seq_length()  # before this forward's layers add to it
 
         def build() -> ProxyVPlan | None:
             if copied is not None:
                 copied.synchronize()
             image_mask = masks[: len(masks) // 2] if two_d else masks
+            refuse_hidden_images(arguments, found=bool(image_mask.any()))
             if not bool(image_mask.any()):
                 return None
             if attention_mask is not None and not two_d:
@@ -819,21 +963,36 @@ class ProxyVModelMixin:
             if arguments.get("output_attentions") or self.config.output_attentions:
                 raise ValueError(
                     "output_attentions is not available with ProxyV on; use `with model.proxyv_disabled():`")
-            if cached > 0:
-                raise ValueError(
-                    f"ProxyV prefills images only at the start of a sequence (the cache already holds {cached} "
-                    "tokens); pass the whole prompt in one call"
-                )
+            continuing = {} if cached == 0 else self._continuation(
+                cache, cached, seq, attention_mask if two_d else None, len(image_mask))
             fusion = self.__dict__.get("_proxyv_fusion")
             if fusion != "chosen" and fusion != device.type:  # the first ProxyV forward on this kind of device
                 self._set_fusion(device.type == "cuda")
                 self._proxyv_fusion = device.type
-            return ProxyVPlan(
+            plan = ProxyVPlan(
                 image_mask, masks[len(masks) // 2 :] if two_d else None, self._image_grids(image_mask, arguments),
-                device=device, modules=self.proxyv, **self._plan_settings,
+                device=device, modules=self.proxyv, **self._plan_settings, **continuing,
             )
+            if cache is not None:  # for a later prefill continuing this cache (the proxies are not in it)
+                cache._proxyv_context = plan.next_context
+            return plan
 
         return ProxyVPendingPlan(build)
+
+    def _continuation(self, cache, cached: int, seq: int, attention_mask: torch.Tensor | None, batch: int) -> dict:
+        """The plan's arguments for a prefill of `seq` tokens with images after `cached` ones (a chat's next turn):
+        how many key rows the cache gives the layers, which cached tokens are real, and what the ProxyV prefills
+        before left beside the cache."""
+        rows, offset = cache.get_mask_sizes(seq, self.config.proxyv_start_layer)
+        if offset:
+            raise ValueError("ProxyV continues only a cache that holds the whole sequence, not a sliding-window cache")
+        previous = getattr(cache, "_proxyv_context", None)
+        if previous is not None and previous.proxy_sees.shape[0] != batch:
+            raise ValueError(f"the cache holds {previous.proxy_sees.shape[0]} sequences, this call continues {batch}")
+        valid = None
+        if attention_mask is not None and attention_mask.shape[1] >= cached + seq:  # the whole sequence's mask
+            valid = attention_mask[:, attention_mask.shape[1] - cached - seq : -seq].bool().cpu().numpy()
+        return {"cached": cached, "cache_rows": int(rows), "cached_valid": valid, "previous": previous}
 
     @functools.cached_property
     def _plan_settings(self) -> dict:
@@ -867,6 +1026,10 @@ class ProxyVModelMixin:
             signature = _FORWARD_SIGNATURES[type(self)] = inspect.signature(super().forward)
         arguments = signature.bind(*args, **kwargs).arguments
         arguments.update(arguments.pop("kwargs", {}))
+        if arguments.get("input_ids") is not None and not any(
+            value is not None for name, value in arguments.items() if name in _VISUAL_INPUTS
+        ):  # without images or videos, image-token ids are embedded as ordinary tokens, as LLaVA does
+            return super().forward(*args, **kwargs)
         plan = self._pending_plan(arguments)
         return_dict = arguments.pop("return_dict", None)
         if return_dict is None:
@@ -874,12 +1037,23 @@ class ProxyVModelMixin:
         outputs = super().forward(**arguments, proxyv_plan=plan.argument_for(self.language_model), return_dict=True)
         built = plan.get()  # None: no image in the prompts, the forward was the original one
         if built is not None and outputs.hidden_states is not None:  # drop the proxies carried between layers
-            outputs.hidden_states = tuple(h[:, : built.seq_len] for h in outputs.hidden_states)
+            outputs.hidden_states = tuple(None if h is None else h[:, : built.seq_len] for h in outputs.hidden_states)
         return outputs if return_dict else outputs.to_tuple()
+
+
+def attends_itself(mask: torch.Tensor, cached: int) -> torch.Tensor:
+    """A 4-D attention mask (B, 1, T, keys), boolean (True = attend) or additive (0 = attend), of T tokens following
+    `cached` ones -> the 2-D mask it was made from, (B, cached + T): a token is real if it attends to itself (a
+    sliding window or a causal mask never hides a token from itself), a cached one if the last token attends to it."""
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    own = allowed.diagonal(offset=cached, dim1=-2, dim2=-1)[:, : mask.shape[2]]  # (B, T)
+    return torch.cat([allowed[:, -1, :cached], own], dim=1)
 
 
 class ProxyVHeadMixin:
     """The ProxyV switch and parameters, on the model with the language-modeling head."""
+
+    _can_compile_fullgraph = False  # see ProxyVModelMixin
 
     def proxyv_disabled(self):
         """Within this block the model computes exactly what the original model computes."""
@@ -892,6 +1066,24 @@ class ProxyVHeadMixin:
     def proxyv_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters ProxyV adds (the only ones distillation trains)."""
         return ((f"model.proxyv.{name}", p) for name, p in self.model.proxyv.named_parameters())
+
+
+def refuse_hidden_images(arguments: dict, found: bool) -> None:
+    """ProxyV never computes the original model quietly. A caller that merged the image features into
+    `inputs_embeds` and passes no token ids (vLLM's Transformers backend does, with several prompts packed into one
+    row) leaves no image token to find: refused, as are packed prompts (position ids restarting within a row)."""
+    if arguments.get("input_ids") is not None:
+        return
+    if not found and all(arguments.get(name) is None for name in ("pixel_values", "pixel_values_videos")):
+        raise ValueError(
+            "ProxyV cannot find images merged into inputs_embeds without input_ids: pass input_ids (or the image "
+            "token's embedding where the images go) with the pixel values, use `with model.proxyv_disabled():` for "
+            'text-only embeddings, or serve with vLLM through proxyv\'s plugin (pip install "proxyv[vllm]")'
+        )
+    positions = arguments.get("position_ids")
+    if found and positions is not None and arguments.get("attention_mask") is None and positions.shape[-1] > 1:
+        if bool((positions.reshape(-1, positions.shape[-1]).diff(dim=-1) != 1).any()):
+            raise ValueError("ProxyV takes one prompt per row, but position_ids restart within a row (packed prompts)")
 
 
 def contiguous_images(rows: np.ndarray, sizes: list[int]) -> list[int]:
@@ -944,7 +1136,9 @@ class ProxyVLlavaModel(ProxyVModelMixin, ProxyVLlavaPreTrainedModel, LlavaModel)
         return grids
 
 
-class ProxyVLlavaForConditionalGeneration(ProxyVHeadMixin, ProxyVLlavaPreTrainedModel, LlavaForConditionalGeneration):
+class ProxyVLlavaForConditionalGeneration(
+    ProxyVHeadMixin, ProxyVLlavaPreTrainedModel, LlavaForConditionalGeneration, GenerationMixin
+):
     """LLaVA with a language-modeling head whose language model runs ProxyV from the start layer on."""
 
     def __init__(self, config: ProxyVLlavaConfig):
@@ -1029,7 +1223,7 @@ class ProxyVLlavaNextModel(ProxyVModelMixin, ProxyVLlavaNextPreTrainedModel, Lla
 
 
 class ProxyVLlavaNextForConditionalGeneration(
-    ProxyVHeadMixin, ProxyVLlavaNextPreTrainedModel, LlavaNextForConditionalGeneration
+    ProxyVHeadMixin, ProxyVLlavaNextPreTrainedModel, LlavaNextForConditionalGeneration, GenerationMixin
 ):
     """LLaVA-NeXT with a language-modeling head whose language model runs ProxyV from the start layer on."""
 
@@ -1040,11 +1234,220 @@ class ProxyVLlavaNextForConditionalGeneration(
         self.post_init()
 
 
+# --- LLaVA-OneVision and LLaVA-NeXT-Video (images and videos) ------------------------------------------------------
+
+
+def shifted(parts: list[ProxyVGrid], start: int) -> list[ProxyVGrid]:
+    """An item's grids (rows counted from the item's first token) placed at row `start` of a prompt."""
+    return [dataclasses.replace(grid, start=grid.start + start) for grid in parts]
+
+
+class ProxyVVideoMixin:
+    """Images and videos in one prompt, for the families with a video token. To the plan both are image tokens; each
+    image is laid out as in LLaVA-NeXT (`image_layout`), each video as its frames' grids one after another
+    (`video_layout`). Tokens of an item outside its grids (newlines) are computed like text."""
+
+    def _video_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == self.config.video_token_id
+        video_embed = self.get_input_embeddings()(
+            torch.tensor(self.config.video_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == video_embed).all(-1)
+
+    def _image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        return super()._image_token_mask(input_ids, inputs_embeds) | self._video_token_mask(input_ids, inputs_embeds)
+
+    @staticmethod
+    def _decoding(args: tuple, kwargs: dict) -> bool:
+        return kwargs.get("pixel_values_videos") is None and ProxyVModelMixin._decoding(args, kwargs)
+
+    def get_video_features(self, pixel_values_videos, *args, **kwargs):
+        output = super().get_video_features(pixel_values_videos, *args, **kwargs)
+        if not isinstance(output, tuple):  # generate() passes the features on without the pixels: keep the shape
+            output.proxyv_video_frames = tuple(pixel_values_videos.shape[:2])
+        return output
+
+    def video_layout(self, frames: int) -> tuple[int, list[ProxyVGrid]]:
+        """(token count, grids) of one video of `frames` frames: each frame a frame_grid x frame_grid grid, in groups
+        of `proxyv_video_frames` neighbouring frames that share their proxies; OneVision closes a video with one
+        newline token."""
+        side, group = self.config.proxyv_frame_grid, self.config.proxyv_video_frames
+        per_frame = side * side
+        grids = [ProxyVGrid(first * per_frame, side, side, side, min(group, frames - first), per_frame)
+                 for first in range(0, frames, group)]
+        return frames * per_frame + int(self._video_newline), grids
+
+    def _layouts(self, arguments: dict) -> tuple[list, list]:
+        """The layout (token count, grids) of every image and every video of the batch, in order."""
+        encoded = arguments.get("mm_encoder_outputs") or {}
+        videos = arguments.get("pixel_values_videos")
+        shape = tuple(videos.shape[:2]) if videos is not None else getattr(encoded.get("video"), "proxyv_video_frames",
+                                                                            None)
+        video_layouts = [] if shape is None else [self.video_layout(shape[1])] * shape[0]
+        return self._image_layouts(arguments, encoded.get("image")), video_layouts
+
+    def _image_grids(self, image_mask: torch.Tensor, arguments: dict) -> list[list[ProxyVGrid]]:
+        image_layouts, video_layouts = self._layouts(arguments)
+        video_mask = self._video_token_mask(arguments.get("input_ids"), arguments.get("inputs_embeds")).cpu().numpy()
+        image_mask = image_mask.numpy()
+        grids, used = [], {"image": 0, "video": 0}
+        for b in range(len(image_mask)):
+            sample = []
+            for kind, mask, layouts in (("image", image_mask[b] & ~video_mask[b], image_layouts),
+                                        ("video", video_mask[b], video_layouts)):
+                rows = np.flatnonzero(mask)
+                sizes, total = [], 0
+                while total < len(rows):
+                    if used[kind] == len(layouts):
+                        raise ValueError(
+                            f"the prompts have more {kind} tokens than the {len(layouts)} {kind}s passed describe "
+                            f"(pass {'pixel_values and image_sizes' if kind == 'image' else 'pixel_values_videos'})"
+                        )
+                    sizes.append(layouts[used[kind]][0])
+                    total += sizes[-1]
+                    used[kind] += 1
+                if total != len(rows):
+                    raise ValueError(f"a prompt has {len(rows)} {kind} tokens but its {kind}s need {total}")
+                starts = contiguous_images(rows, sizes)
+                items = layouts[used[kind] - len(sizes) : used[kind]]
+                sample += [grid for start, (_, parts) in zip(starts, items, strict=True)
+                           for grid in shifted(parts, start)]
+            grids.append(sorted(sample, key=lambda grid: grid.start))
+        return grids
+
+
+class ProxyVLlavaOnevisionPreTrainedModel(ProxyVInitMixin, LlavaOnevisionPreTrainedModel):
+    config_class = ProxyVLlavaOnevisionConfig
+    config: ProxyVLlavaOnevisionConfig
+
+
+class ProxyVLlavaOnevisionModel(ProxyVVideoMixin, ProxyVModelMixin, ProxyVLlavaOnevisionPreTrainedModel,
+                                LlavaOnevisionModel):
+    """LLaVA-OneVision model whose decoder layers from the start layer on run ProxyV.
+
+    An image alone in its prompt is a base crop (a grid x grid token grid, 27x27 for SigLIP-384/14) followed by its
+    AnyRes crops side by side, unpadded, shrunk to at most `vision_aspect_ratio`'s crop count (`anyres_max_9`), a
+    newline closing every row; an image among several in a prompt is its base crop and one newline. A video is its
+    frames' grids (each frame's grid interpolated to ceil(grid / 2) per side) and one newline at the end. Proxies are
+    made per grid (video frames: per group of `proxyv_video_frames` frames).
+    """
+
+    _video_newline = True
+
+    def __init__(self, config: ProxyVLlavaOnevisionConfig):
+        LlavaOnevisionModel.__init__(self, config)
+        self._attach_proxyv(config)
+
+    def image_layout(self, image_size: list[int], patched: bool = True) -> tuple[int, list[ProxyVGrid]]:
+        """(token count, grids) of one image of `image_size` (height, width), as `pack_image_features` lays it out:
+        `patched` False for an image among several in its prompt (base crop only)."""
+        side = self.config.proxyv_grid
+        base = ProxyVGrid(0, side, side, side)
+        if not patched:
+            return side * side + 1, [base]
+        crops_high, crops_wide = get_anyres_image_grid_shape(
+            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        )
+        height, width = unpad_image(torch.empty(1, crops_high * side, crops_wide * side), image_size).shape[1:]
+        max_crops = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
+        ratio = math.sqrt(height * width / (max_crops * side**2))
+        if ratio > 1.1:  # shrunk by bilinear interpolation in pack_image_features
+            height, width = int(height // ratio), int(width // ratio)
+        return side * side + height * (width + 1), [base, ProxyVGrid(side * side, height, width, width + 1)]
+
+    def get_image_features(self, pixel_values, image_sizes, *args, batch_num_images=None, **kwargs):
+        output = super().get_image_features(pixel_values, image_sizes, *args, batch_num_images=batch_num_images,
+                                            **kwargs)
+        if not isinstance(output, tuple):  # generate() passes the features on without these: keep them
+            output.proxyv_image_sizes, output.proxyv_batch_num_images = image_sizes, batch_num_images
+        return output
+
+    def _image_layouts(self, arguments: dict, encoded) -> list[tuple[int, list[ProxyVGrid]]]:
+        image_sizes, counts = arguments.get("image_sizes"), arguments.get("batch_num_images")
+        if image_sizes is None:
+            image_sizes = getattr(encoded, "proxyv_image_sizes", None)
+            counts = getattr(encoded, "proxyv_batch_num_images", None)
+        if image_sizes is None:
+            return []
+        sizes = torch.as_tensor(image_sizes).tolist()
+        # as get_image_features decides: only an image alone in its prompt gets its AnyRes crops
+        patched = [True] * len(sizes) if counts is None else [n == 1 for n in torch.as_tensor(counts).tolist()
+                                                              for _ in range(n)]
+        return [self.image_layout(size, alone) for size, alone in zip(sizes, patched, strict=True)]
+
+
+class ProxyVLlavaOnevisionForConditionalGeneration(
+    ProxyVHeadMixin, ProxyVLlavaOnevisionPreTrainedModel, LlavaOnevisionForConditionalGeneration
+):
+    """LLaVA-OneVision with a language-modeling head whose language model runs ProxyV from the start layer on."""
+
+    def __init__(self, config: ProxyVLlavaOnevisionConfig):
+        ProxyVLlavaOnevisionPreTrainedModel.__init__(self, config)
+        self.model = ProxyVLlavaOnevisionModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+class ProxyVLlavaNextVideoPreTrainedModel(ProxyVInitMixin, LlavaNextVideoPreTrainedModel):
+    config_class = ProxyVLlavaNextVideoConfig
+    config: ProxyVLlavaNextVideoConfig
+
+
+class ProxyVLlavaNextVideoModel(ProxyVVideoMixin, ProxyVModelMixin, ProxyVLlavaNextVideoPreTrainedModel,
+                                LlavaNextVideoModel):
+    """LLaVA-NeXT-Video model whose decoder layers from the start layer on run ProxyV: images as in LLaVA-NeXT, a
+    video as its frames' grids (each frame's grid pooled by `spatial_pool_stride`), without newline tokens."""
+
+    _video_newline = False
+
+    def __init__(self, config: ProxyVLlavaNextVideoConfig):
+        LlavaNextVideoModel.__init__(self, config)
+        self._attach_proxyv(config)
+
+    def image_layout(self, image_size: list[int]) -> tuple[int, list[ProxyVGrid]]:
+        """(token count, grids) of one image of `image_size` (height, width): LLaVA-NeXT's layout."""
+        tokens, parts = ProxyVLlavaNextModel.image_layout(self, image_size)
+        return tokens, [ProxyVGrid(*part) for part in parts]
+
+    def get_image_features(self, pixel_values, image_sizes, *args, **kwargs):
+        output = super().get_image_features(pixel_values, image_sizes, *args, **kwargs)
+        if not isinstance(output, tuple):  # generate() may pass the features on without image_sizes: keep them here
+            output.proxyv_image_sizes = image_sizes
+        return output
+
+    def _image_layouts(self, arguments: dict, encoded) -> list[tuple[int, list[ProxyVGrid]]]:
+        image_sizes = arguments.get("image_sizes")
+        if image_sizes is None:
+            image_sizes = getattr(encoded, "proxyv_image_sizes", None)
+        if image_sizes is None:
+            return []
+        return [self.image_layout(size) for size in torch.as_tensor(image_sizes).tolist()]
+
+
+class ProxyVLlavaNextVideoForConditionalGeneration(
+    ProxyVHeadMixin, ProxyVLlavaNextVideoPreTrainedModel, LlavaNextVideoForConditionalGeneration
+):
+    """LLaVA-NeXT-Video with a language-modeling head whose language model runs ProxyV from the start layer on."""
+
+    def __init__(self, config: ProxyVLlavaNextVideoConfig):
+        ProxyVLlavaNextVideoPreTrainedModel.__init__(self, config)
+        self.model = ProxyVLlavaNextVideoModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
 __all__ = [
     "ProxyVLlavaForConditionalGeneration",
     "ProxyVLlavaModel",
     "ProxyVLlavaNextForConditionalGeneration",
     "ProxyVLlavaNextModel",
     "ProxyVLlavaNextPreTrainedModel",
+    "ProxyVLlavaNextVideoForConditionalGeneration",
+    "ProxyVLlavaNextVideoModel",
+    "ProxyVLlavaNextVideoPreTrainedModel",
+    "ProxyVLlavaOnevisionForConditionalGeneration",
+    "ProxyVLlavaOnevisionModel",
+    "ProxyVLlavaOnevisionPreTrainedModel",
     "ProxyVLlavaPreTrainedModel",
 ]
