@@ -31,6 +31,7 @@ from .atomic import folder_lock, write_text
 from .errors import ProxyVError
 from .families import family_of
 from .model_folder import BENCH_REPORT
+from .remote.modeling_proxyv import capture_cuda_graph, plan_tensors  # the model's own prefill graphs use them too
 from .threads import warn_if_busy
 
 
@@ -55,6 +56,10 @@ class BenchCase:
     plan_ms: float = 0.0  # building the ProxyV plan of a prompt (host work, included in the ProxyV prefill times)
     prefill_ms: dict[str, float] = field(default_factory=dict)
     prefill_ratio: float = 0.0
+    # The whole-model prefill as `generate` runs it by default (CUDA, batch 1): ProxyV replays its prefill graphs,
+    # the original runs eagerly. The other timings are each mode's own, with the model's prefill graphs off.
+    prefill_default_ms: dict[str, float] = field(default_factory=dict)
+    prefill_default_ratio: float = 0.0
     decode_ms_per_token: dict[str, float] = field(default_factory=dict)
     decode_ratio: float = 0.0
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
@@ -198,29 +203,6 @@ def synthetic_inputs(model, batch: int, images: int, text_tokens: int, seed: int
     input_ids = torch.cat(parts, dim=1)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
             **extra}
-
-
-def plan_tensors(plan) -> list[torch.Tensor]:
-    """The index and mask tensors of a ProxyV plan, in a fixed order (not the ones a forward computes and caches)."""
-    from torch.utils._pytree import tree_leaves
-
-    fields = {k: v for k, v in vars(plan).items() if not k.startswith("_") and k not in ("modules", "learned_back")}
-    return [leaf for leaf in tree_leaves(fields) if isinstance(leaf, torch.Tensor)]
-
-
-def capture_cuda_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
-    """`fn` captured in a CUDA graph, and the output tensors the graph writes. Two calls on a side stream first keep
-    lazy initialisation (cuBLAS handles, workspaces) out of the graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 class _Cut(Exception):
@@ -386,6 +368,15 @@ class Runner:
         return contextlib.nullcontext() if proxyv else self.model.proxyv_disabled()
 
 
+@contextlib.contextmanager
+def _restored(config, graphs: bool):
+    """Puts the config's `proxyv_cuda_graphs` back to `graphs` at the end."""
+    try:
+        yield
+    finally:
+        config.proxyv_cuda_graphs = graphs
+
+
 def check_mode(device: torch.device, *, compile: bool, cuda_graph: bool) -> None:
     if cuda_graph and compile:
         raise ProxyVError("--cuda-graph and --compile are two modes; choose one")
@@ -433,7 +424,9 @@ def bench(
     cases = cases or tuple((b, n) for b in batch_sizes for n in images)
     # Compiled: one static graph per case and side (as a server compiles per shape bucket), none given up on.
     settings = {"automatic_dynamic_shapes": False, "cache_size_limit": 2 * len(cases) + 8} if compile else {}
-    with torch._dynamo.config.patch(**settings):
+    graphs_default = getattr(model.config, "proxyv_cuda_graphs", False)
+    model.config.proxyv_cuda_graphs = False  # each mode's timings are that mode's (see BenchCase.prefill_default_ms)
+    with torch._dynamo.config.patch(**settings), _restored(model.config, graphs_default):
         for batch, count in cases:
             inputs = synthetic_inputs(model, batch, count, text_tokens)
             runner = Runner(model, inputs, compiled)
@@ -464,6 +457,15 @@ def bench(
                 case.prefill_ratio = round(case.prefill_ms["proxyv"] / case.prefill_ms["off"], 4)
                 case.decode_ms_per_token = runner.decode_ms_per_token(decode_tokens, device)
                 case.decode_ratio = round(case.decode_ms_per_token["proxyv"] / case.decode_ms_per_token["off"], 4)
+                if graphs_default and device.type == "cuda" and batch == 1:
+                    model.config.proxyv_cuda_graphs = True  # captured in the warm-up (the second call of a shape)
+                    case.prefill_default_ms = interleaved_medians(
+                        {side: partial(runner.prefill, on) for side, on in sides.items()}, repeats, max(warmup, 3),
+                        device)
+                    model.config.proxyv_cuda_graphs = False
+                    model.model.__dict__.pop("_proxyv_graphs", None)  # their memory, before memory is measured
+                    case.prefill_default_ratio = round(
+                        case.prefill_default_ms["proxyv"] / case.prefill_default_ms["off"], 4)
             if memory:
                 case.peak_memory_mb = {
                     side: peak_memory_mb(partial(plain.lm_prefill, on), device) for side, on in sides.items()
@@ -481,14 +483,15 @@ def format_report(report: BenchReport) -> str:
         f"median of {report.repeats} interleaved repeats",
         f"{'batch':>5} {'images':>6} {'tokens':>6} {'GFLOPs off':>10} {'FLOPs ratio':>11} {'LM off ms':>9} "
         f"{'LM ProxyV ms':>12} {'plan ms':>7} {'LM ratio':>8} {'ratio/FLOPs':>11} {'model ratio':>11} "
-        f"{'decode ratio':>12}",
+        f"{'decode ratio':>12} {'default ratio':>13}",
     ]
     for c in report.cases:
         lines.append(
             f"{c.batch:>5} {c.images:>6} {c.image_tokens + c.text_tokens:>6} {c.flops['off']:>10.1f} "
             f"{c.flops_ratio:>11.3f} {c.lm_prefill_ms['off']:>9.1f} {c.lm_prefill_ms['proxyv']:>12.1f} "
             f"{c.plan_ms:>7.2f} {c.lm_prefill_ratio:>8.3f} {c.lm_prefill_ratio / c.flops_ratio:>11.3f} "
-            f"{c.prefill_ratio or float('nan'):>11.3f} {c.decode_ratio or float('nan'):>12.3f}"
+            f"{c.prefill_ratio or float('nan'):>11.3f} {c.decode_ratio or float('nan'):>12.3f} "
+            f"{c.prefill_default_ratio or float('nan'):>13.3f}"
         )
     return "\n".join(lines)
 

@@ -240,8 +240,8 @@ def _usage(repo_id: str | None, revision: str | None, folder: Path) -> str:
     where = "in this repository" if repo_id else "in the model folder"
     needs = (
         f"Needs `transformers{transformers_requirement() or ''}`, `torch` and `pillow`, not proxyv: the model's code "
-        f"ships {where} (`configuration_proxyv.py`, `modeling_proxyv.py`; standard library, torch and transformers "
-        "only)."
+        f"ships {where} (`configuration_proxyv.py`, `modeling_proxyv.py`, `processing_proxyv.py`; standard library, "
+        "torch and transformers only)."
     )
     if pinned:
         needs += f" `revision` pins commit `{revision[:12]}`, so the code you run is the code you read."

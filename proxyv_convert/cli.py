@@ -244,6 +244,8 @@ def distill(
     image_column: Annotated[str, typer.Option(help="Column with the images.")] = default(Columns, "image"),
     prompt_column: Annotated[str | None, typer.Option(help="Column with the prompts (default: detected).")] = None,
     answer_column: Annotated[str | None, typer.Option(help="Column with the answers (default: detected).")] = None,
+    video_column: Annotated[str | None, typer.Option(
+        help="Column with videos: lists of frames or video files (default: a 'video' column, if any).")] = None,
     data_revision: Annotated[str | None, typer.Option(help="Revision of a Hub dataset.")] = None,
     threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -258,7 +260,7 @@ def distill(
         mapping = {name: f"distill.{name}" for name in names}
         mapping.update(model="output", data="distill.data", data_revision="distill.data_revision",
                        image_column="distill.columns.image", prompt_column="distill.columns.prompt",
-                       answer_column="distill.columns.answer")
+                       answer_column="distill.columns.answer", video_column="distill.columns.video")
         v = from_recipe(ctx, recipe, locals(), mapping)
         require(v, model="MODEL", data="--data")
         settings = build(DistillSettings, {name: v[name] for name in names})
@@ -267,7 +269,8 @@ def distill(
         result = run_distill(
             Path(v["model"]), data, settings=settings, out=out, resume=resume, revision=v["data_revision"],
             progress=not quiet,
-            columns=Columns(image=v["image_column"], prompt=v["prompt_column"], answer=v["answer_column"]),
+            columns=Columns(image=v["image_column"], prompt=v["prompt_column"], answer=v["answer_column"],
+                            video=v["video_column"]),
         )
     before, after = result.report.get("before", {}), result.report.get("after", {})
     typer.echo(f"Distilled {result.out}: {result.steps} steps in {result.seconds:.0f} s.")
@@ -382,6 +385,8 @@ def eval_command(
     image_column: Annotated[str, typer.Option(help="Column with the images.")] = default(Columns, "image"),
     prompt_column: Annotated[str | None, typer.Option(help="Column with the questions (default: detected).")] = None,
     answer_column: Annotated[str | None, typer.Option(help="Column with the answers (default: detected).")] = None,
+    video_column: Annotated[str | None, typer.Option(
+        help="Column with videos: lists of frames or video files (default: a 'video' column, if any).")] = None,
     data_revision: Annotated[str | None, typer.Option(help="Revision of a Hub dataset.")] = None,
     no_write: Annotated[bool, typer.Option("--no-write", help="Do not write eval_report.json into the model "
                                                               "folder.")] = False,
@@ -400,7 +405,7 @@ def eval_command(
             "model": "output", "data": "eval.data", "data_revision": "eval.data_revision", "split": "eval.split",
             "limit": "eval.limit", "batch_size": "eval.batch_size", "against_original": "eval.against_original",
             "image_column": "eval.columns.image", "prompt_column": "eval.columns.prompt",
-            "answer_column": "eval.columns.answer",
+            "answer_column": "eval.columns.answer", "video_column": "eval.columns.video",
         })
         require(v, model="MODEL")
         use_threads(threads)
@@ -409,7 +414,8 @@ def eval_command(
             model, v["data"], split=v["split"], limit=v["limit"], other=other,
             against_original=v["against_original"], proxyv_off=proxyv_off, noise_images=noise_images,
             batch_size=v["batch_size"], progress=not quiet, revision=v["data_revision"],
-            columns=Columns(image=v["image_column"], prompt=v["prompt_column"], answer=v["answer_column"]),
+            columns=Columns(image=v["image_column"], prompt=v["prompt_column"], answer=v["answer_column"],
+                            video=v["video_column"]),
         )
         control = proxyv_off or noise_images
         report = None if no_write or control else write_report(model, result)

@@ -84,13 +84,14 @@ class ProxyVSection(Section):
 
 
 class Columns(Section):
-    """Column names of a dataset; `prompt`/`answer` of None are detected from common names."""
+    """Column names of a dataset; `prompt`/`answer`/`video` of None are detected from common names."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     image: str = "image"
     prompt: str | None = None
     answer: str | None = None
+    video: str | None = None  # a video per row: a list of frames (images) or a video file
 
 
 class DistillSettings(Section):

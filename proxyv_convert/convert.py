@@ -11,6 +11,7 @@ Every check runs before anything is written, and the output folder appears atomi
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 import shlex
@@ -31,7 +32,7 @@ from transformers.utils.hub import convert_file_size_to_int
 from .atomic import atomic_output, check_output
 from .config import Dtype, provenance, write_recipe
 from .errors import ProxyVError
-from .families import FAMILIES, family_of
+from .families import FAMILIES, Family, family_of
 from .model_folder import PROXYV_PREFIX, canonical_code
 from .remote.modeling_proxyv import init_proxyv_module
 from .safetensors_stream import (
@@ -348,6 +349,7 @@ def write_folder_files(folder: Path, src: Source, config: PretrainedConfig, dtyp
     for relative in processor_files(src.path):
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src.path / relative, folder / relative)
+    add_processor_auto_map(folder, family_of(config))
     sections = {
         "model": {"source": src.name, "revision": src.revision, "dtype": dtype, **source_license(src.path)},
         "proxyv": {
@@ -361,6 +363,25 @@ def write_folder_files(folder: Path, src: Source, config: PretrainedConfig, dtyp
         "provenance": provenance(),
     }
     write_recipe(folder, sections, [command])
+
+
+def add_processor_auto_map(folder: Path, family: Family) -> None:
+    """Point `AutoProcessor.from_pretrained(..., trust_remote_code=True)` at the family's ProxyV processor (which loads
+    where torchvision does not import), in the processor config where transformers looks for it first; every other
+    field of the file is kept."""
+    auto_map = family.processor_auto_map()
+    path = next((folder / name for name in ("processor_config.json", "preprocessor_config.json")
+                 if (folder / name).is_file()), None)
+    if not auto_map or path is None:
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ProxyVError(f"the source's {path.name} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ProxyVError(f"the source's {path.name} holds a JSON {type(data).__name__}, not an object")
+    data["auto_map"] = {**data.get("auto_map", {}), **auto_map}
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _progress(total: int, enabled: bool):

@@ -1,4 +1,4 @@
-"""Image-prompt data for every command that reads a dataset (distill, eval), from wherever users keep it.
+"""Image- and video-prompt data for every command that reads a dataset (distill, eval), from wherever users keep it.
 
 `--data` may be:
   - `shapes`: the built-in task (generated deterministically and cached);
@@ -10,6 +10,11 @@
 A split may select rows with Python slice syntax, `validation[:-500]` / `validation[-500:]`, so that one split
 gives disjoint training and held-out rows. Images are decoded lazily; those that fail to decode are skipped and
 counted, never fatal.
+
+A row may hold a video instead of an image (for the families that take videos): the video column (`video` unless
+`--video-column` names another) holds a list of frames (images, in any form the image column takes) or a video file
+(decoded with PyAV or decord where one is installed). In data with a video column, a row with neither an image nor a
+video is a text-only prompt.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from PIL import Image
 
 from .config import Columns
 from .errors import ProxyVError
+from .video import Video, read_video_file
 
 if TYPE_CHECKING:  # imported where used: commands that read no dataset start without it
     import datasets
@@ -37,30 +43,60 @@ if TYPE_CHECKING:  # imported where used: commands that read no dataset start wi
 BUILTIN = ("shapes",)
 PROMPT_COLUMNS = ("question", "prompt", "instruction", "text", "query")
 ANSWER_COLUMNS = ("answer", "response", "output", "label")
+VIDEO_COLUMNS = ("video",)
 TABLE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 DEFAULT_PROMPT = "Describe the image."
 SPLIT_SLICE = re.compile(r"^(?P<name>[^\[\]]+?)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
 
 
+class TextOnly:
+    """The visual input of a row that holds neither an image nor a video."""
+
+    def __repr__(self) -> str:
+        return "TEXT_ONLY"
+
+
+TEXT_ONLY = TextOnly()
+Visual = Image.Image | Video | TextOnly  # what a prompt shows: an image, a video, or nothing
+
+
 @dataclass
 class ImageTextData:
-    """One split: rows with an undecoded image, a prompt and an optional answer."""
+    """One split: rows with an undecoded image or video (or, in data with a video column, neither), a prompt and an
+    optional answer."""
 
     rows: datasets.Dataset
-    image: str
+    image: str | None  # None: the data has only a video column
     prompt: str | None  # None: every row gets DEFAULT_PROMPT
     answer: str | None
     source: str
+    video: str | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def example(self, index: int) -> tuple[Image.Image | None, str, str | None]:
-        """(image or None when it does not decode, prompt, answer)."""
+    def example(self, index: int) -> tuple[Visual | None, str, str | None]:
+        """(image, video or TEXT_ONLY; None when the image or video does not decode, prompt, answer)."""
         row = self.rows[index]
         prompt = row[self.prompt] if self.prompt else DEFAULT_PROMPT
         answer = row[self.answer] if self.answer else None
-        return decode_image(row[self.image]), str(prompt), None if answer is None else str(answer)
+        image = row[self.image] if self.image else None
+        video = row[self.video] if self.video else None
+        if video is not None:
+            visual = decode_video(video)
+        elif image is not None or self.video is None:
+            visual = decode_image(image)
+        else:
+            visual = TEXT_ONLY
+        return visual, str(prompt), None if answer is None else str(answer)
+
+
+def decode_video(value) -> Video | None:
+    """A video from a list of frames (each decoded as `decode_image` does) or a video file; None if it fails."""
+    if isinstance(value, (list, tuple)):
+        frames = [decode_image(frame) for frame in value]
+        return Video(tuple(frames)) if frames and all(f is not None for f in frames) else None
+    return read_video_file(value)
 
 
 def decode_image(value) -> Image.Image | None:
@@ -109,11 +145,13 @@ def load_data(
     if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
         rows = _pick_split(data, name, "the dataset")
     else:
-        rows = _load_split(str(data), name, revision, columns.image)
-    if columns.image not in rows.column_names:
+        rows = _load_split(str(data), name, revision, columns)
+    video = _column(rows, columns.video, VIDEO_COLUMNS, "--video-column")
+    image = columns.image if columns.image in rows.column_names else None
+    if image is None and (video is None or columns.image != Columns().image):
         raise ProxyVError(
             f"the data has no image column '{columns.image}'; its columns: {', '.join(rows.column_names)} "
-            "(choose one with --image-column)"
+            "(choose one with --image-column, or the videos with --video-column)"
         )
     prompt = _column(rows, columns.prompt, PROMPT_COLUMNS, "--prompt-column")
     answer = _column(rows, columns.answer, ANSWER_COLUMNS, "--answer-column")
@@ -121,10 +159,26 @@ def load_data(
         rows = rows.select(range(len(rows))[rows_slice])
     if len(rows) == 0:
         raise ProxyVError(f"the '{split}' split of {data} is empty")
-    if isinstance(rows.features.get(columns.image), datasets.Image):
-        rows = rows.cast_column(columns.image, datasets.Image(decode=False))  # decode ourselves, skipping failures
+    for column in (image, video):  # decode ourselves, skipping failures
+        if column is not None:
+            rows = _undecoded(rows, column)
     source = str(data) if isinstance(data, (str, Path)) else "the dataset"
-    return ImageTextData(rows=rows, image=columns.image, prompt=prompt, answer=answer, source=source)
+    return ImageTextData(rows=rows, image=image, prompt=prompt, answer=answer, source=source, video=video)
+
+
+def _undecoded(rows: datasets.Dataset, column: str) -> datasets.Dataset:
+    """`rows` with an image column, a column of lists of images, or a video column cast to undecoded values."""
+    import datasets
+
+    feature = rows.features.get(column)
+    if isinstance(feature, datasets.Image):
+        return rows.cast_column(column, datasets.Image(decode=False))
+    inner = getattr(feature, "feature", None)  # a list (or Sequence) of frames
+    if isinstance(inner, datasets.Image):
+        return rows.cast_column(column, type(feature)(datasets.Image(decode=False)))
+    if isinstance(feature, getattr(datasets, "Video", ())):
+        return rows.cast_column(column, datasets.Video(decode=False))
+    return rows
 
 
 def parse_split(split: str) -> tuple[str, slice | None]:
@@ -146,7 +200,7 @@ def _column(rows: datasets.Dataset, name: str | None, candidates: tuple[str, ...
     return next((c for c in candidates if c in rows.column_names), None)
 
 
-def _load_split(data: str, split: str, revision: str | None, image_column: str) -> datasets.Dataset:
+def _load_split(data: str, split: str, revision: str | None, columns: Columns) -> datasets.Dataset:
 
     if data in BUILTIN:
         from .shapes import load_shapes
@@ -154,7 +208,7 @@ def _load_split(data: str, split: str, revision: str | None, image_column: str) 
         return load_shapes(split)
     path = Path(data).expanduser()
     if path.exists():
-        loaded = _load_local(path, image_column)
+        loaded = _load_local(path, columns)
     elif data.startswith((".", "/", "~")) or data.endswith(tuple(TABLE_FORMATS)):
         raise ProxyVError(f"data {data} does not exist")
     else:
@@ -174,7 +228,7 @@ def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, dat
     return loaded[split]
 
 
-def _load_local(path: Path, image_column: str) -> datasets.Dataset | datasets.DatasetDict:
+def _load_local(path: Path, columns: Columns) -> datasets.Dataset | datasets.DatasetDict:
     import datasets
 
     if path.is_file():
@@ -190,7 +244,9 @@ def _load_local(path: Path, image_column: str) -> datasets.Dataset | datasets.Da
                 rows = datasets.load_dataset(fmt, data_files=str(path), split="train")
             except Exception as error:  # noqa: BLE001 - any parse failure is the user's file
                 raise ProxyVError(f"{path} could not be read as {fmt}: {_reason(error)}") from None
-            return _resolve_image_paths(rows, path, image_column)
+            for column in {columns.image, columns.video or VIDEO_COLUMNS[0]} & set(rows.column_names):
+                rows = _resolve_image_paths(rows, path, column)
+            return rows
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         try:
             return datasets.load_from_disk(str(path))
@@ -273,6 +329,11 @@ def _resolve_image_paths(rows: datasets.Dataset, table: Path, column: str) -> da
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         paths = {row: _inside(folder, value, row, table) for row, value in enumerate(rows[column]) if value}
         return rows.map(lambda _, row: {column: paths.get(row)}, with_indices=True)
+    inner = getattr(feature, "feature", None)  # a video as a list of frame paths
+    if isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string"):
+        frames = {row: [_inside(folder, v, row, table) if v else v for v in value]
+                  for row, value in enumerate(rows[column]) if value}
+        return rows.map(lambda _, row: {column: frames.get(row)}, with_indices=True)
     is_struct = isinstance(feature, dict) and "path" in feature
     if not (isinstance(feature, datasets.Image) or is_struct):
         return rows

@@ -37,7 +37,7 @@ from .config import RECIPE_FILE, Columns, DistillSettings, dump_recipe, read_rec
 from .data import ImageTextData, load_data, parse_split
 from .errors import ProxyVError
 from .families import Family
-from .model_folder import CHECKPOINT_DIR, DISTILL_REPORT, folder_family, load_model
+from .model_folder import CHECKPOINT_DIR, DISTILL_REPORT, folder_family, load_model, load_processor
 from .sharding import check_launch, fsdp_requested, full_tensor, shard_like, shard_model
 from .threads import warn_if_busy
 from .weights import write_proxyv_weights
@@ -372,12 +372,12 @@ def task_agreement(model, data: ImageTextData, indices: list[int], processor, ba
             examples = [e for e, n in zip(examples, lengths, strict=True) if n <= max_length]
         if not examples:
             continue
-        images, prompts = [e[0] for e in examples], [e[1] for e in examples]
+        visuals, prompts = [e[0] for e in examples], [e[1] for e in examples]
         answers += [e[2] for e in examples]
         with accelerator.autocast():
-            student += generate_answers(core, processor, images, prompts, max_new_tokens=TASK_NEW_TOKENS)
+            student += generate_answers(core, processor, visuals, prompts, max_new_tokens=TASK_NEW_TOKENS)
             with core.proxyv_disabled():
-                teacher += generate_answers(core, processor, images, prompts, max_new_tokens=TASK_NEW_TOKENS)
+                teacher += generate_answers(core, processor, visuals, prompts, max_new_tokens=TASK_NEW_TOKENS)
     core.train()
     def rate(first: list[str], second: list[str]) -> float:
         same = sum(normalise(x) == normalise(y) for x, y in zip(first, second, strict=True))
@@ -479,9 +479,10 @@ def check_images_decode(data: ImageTextData, indices: list[int], seed: int, prob
     """Fail early when the first examples the run would use have no decodable image at all."""
     first = [indices[i] for i in step_indices(len(indices), seed, 0, min(probe, len(indices)))]
     if all(data.example(i)[0] is None for i in first):
+        columns = " or ".join(f"'{c}'" for c in (data.image, data.video) if c)
         raise ProxyVError(
             f"no image could be decoded in the first {len(first)} examples of {data.source} "
-            f"(column '{data.image}'); check the image column"
+            f"(column {columns}); check the image column"
         )
 
 
@@ -567,8 +568,6 @@ def _distill_locked(model_dir: Path, data: str, family: Family, settings: Distil
     """The rest of `distill`, while the folder it writes into is locked."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from transformers import AutoProcessor
-
     checkpoints = checkpoint_folder(model_dir, out)
     if checkpoints.exists() and not resume:
         raise ProxyVError(
@@ -593,11 +592,12 @@ def _distill_locked(model_dir: Path, data: str, family: Family, settings: Distil
     train = load_data(data, split=settings.train_split, columns=columns, revision=revision)
     evaluation, eval_indices, train_indices, held_split = held_out(data, columns, revision, settings, train)
     check_images_decode(train, train_indices, settings.seed)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    image_token_id = family.config.from_pretrained(model_dir).image_token_id
+    processor = load_processor(model_dir)
+    token_ids = family.visual_token_ids(family.config.from_pretrained(model_dir))
+    inputs = (family.image_inputs, family.video_inputs)
     log = (lambda message: tqdm.write(message, file=sys.stderr)) if progress and accelerator.is_main_process else None
-    check_lengths(Batcher(train, processor, image_token_id, settings.max_length, family.image_inputs), train_indices,
-                  settings.seed, log)  # before the model loads
+    check_lengths(Batcher(train, processor, token_ids, settings.max_length, *inputs), train_indices, settings.seed,
+                  log)  # before the model loads
     model = load_model(model_dir)
     proxyv = model.model.proxyv
     model.requires_grad_(False)
@@ -619,11 +619,11 @@ def _distill_locked(model_dir: Path, data: str, family: Family, settings: Distil
     if not sharded:  # sharded, the model is complete: accelerate would wrap it again (in DDP on CPU processes)
         model, optimizer = accelerator.prepare(model, optimizer)
 
-    train_batcher = Batcher(train, processor, image_token_id, settings.max_length, family.image_inputs)
+    train_batcher = Batcher(train, processor, token_ids, settings.max_length, *inputs)
     # Under FSDP a process whose micro-batch has no usable example still runs a forward (its gathers are collective):
     # on the first usable example of the run, its loss times zero
     fallback = first_usable(train_batcher, train_indices, settings.seed) if sharded else None
-    eval_batcher = Batcher(evaluation, processor, image_token_id, settings.max_length, family.image_inputs)
+    eval_batcher = Batcher(evaluation, processor, token_ids, settings.max_length, *inputs)
     fingerprint = {"data": str(data), "examples": len(train_indices), "seed": settings.seed,
                    "batch_size": settings.batch_size, "gradient_accumulation": settings.gradient_accumulation,
                    "processes": accelerator.num_processes}

@@ -21,14 +21,14 @@ import datasets
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin
 
 from .atomic import folder_lock, write_text
-from .batching import chat_text
+from .batching import chat_text, encode
 from .config import Columns, EvalSection, build, default, resolve_model_source
-from .data import ANSWER_COLUMNS, ImageTextData, load_data
+from .data import ANSWER_COLUMNS, ImageTextData, Visual, load_data
 from .errors import ProxyVError
-from .model_folder import EVAL_REPORT, is_proxyv_folder, load_model
+from .model_folder import EVAL_REPORT, is_proxyv_folder, load_model, load_processor
 
 MAX_NEW_TOKENS = 1024  # the most tokens any answer is generated to
 
@@ -90,7 +90,7 @@ def load_for_eval(model: str | Path | PreTrainedModel,
     if processor is None:
         if not (folder / "processor_config.json").is_file() and not (folder / "preprocessor_config.json").is_file():
             raise ProxyVError(f"no processor found for the model (looked in '{folder}'); pass processor=")
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = load_processor(folder)
     if getattr(processor, "chat_template", None) is None:
         raise ProxyVError(f"the processor from '{folder}' has no chat template; evaluation formats prompts with it")
     return model.eval(), processor
@@ -103,17 +103,18 @@ def noise_image(like: Image.Image, seed: int) -> Image.Image:
 
 
 @torch.no_grad()
-def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, images: list[Image.Image],
+def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, images: list[Visual],
                      questions: list[str], *, max_new_tokens: int) -> list[str]:
-    """Greedy answers to one question per image, as one left-padded batch, of at most `max_new_tokens` tokens each
-    (bounded by MAX_NEW_TOKENS: generation never runs unbounded)."""
+    """Greedy answers to one question per image (or video, or none), as one left-padded batch, of at most
+    `max_new_tokens` tokens each (bounded by MAX_NEW_TOKENS: generation never runs unbounded)."""
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise ProxyVError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}")
-    prompts = [chat_text(processor, question) for question in questions]
-    inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    prompts = [chat_text(processor, question, visual=visual) for question, visual in zip(questions, images,
+                                                                                         strict=True)]
+    inputs = encode(processor, images, prompts, padding_side="left").to(model.device)
+    for name, value in inputs.items():  # pixel values in the model's dtype
+        if value.is_floating_point():
+            inputs[name] = value.to(model.dtype)
     tokenizer = processor.tokenizer
     output = model.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -122,14 +123,14 @@ def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, images: 
     return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def prompt_lengths(processor: ProcessorMixin, images: list[Image.Image], questions: list[str]) -> list[int]:
+def prompt_lengths(processor: ProcessorMixin, images: list[Visual], questions: list[str]) -> list[int]:
     """Tokens of each example's generation prompt (its image tokens included), as `generate_answers` builds it."""
-    prompts = [chat_text(processor, question) for question in questions]
-    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-    return inputs["attention_mask"].sum(1).tolist()
+    prompts = [chat_text(processor, question, visual=visual) for question, visual in zip(questions, images,
+                                                                                         strict=True)]
+    return encode(processor, images, prompts)["attention_mask"].sum(1).tolist()
 
 
-def decoded_examples(data: ImageTextData, limit: int | None) -> tuple[list[tuple[Image.Image, str, str]], int]:
+def decoded_examples(data: ImageTextData, limit: int | None) -> tuple[list[tuple[Visual, str, str]], int]:
     """(image, question, answer) of the first `limit` examples whose image decodes, and how many were skipped."""
     examples, skipped = [], 0
     for index in range(len(data)):
@@ -143,15 +144,16 @@ def decoded_examples(data: ImageTextData, limit: int | None) -> tuple[list[tuple
     return examples, skipped
 
 
-def predict(model: PreTrainedModel, processor: ProcessorMixin, examples: list[tuple[Image.Image, str, str]], *,
+def predict(model: PreTrainedModel, processor: ProcessorMixin, examples: list[tuple[Visual, str, str]], *,
             batch_size: int, noise_images: bool, max_new_tokens: int, progress: bool, desc: str) -> list[str]:
     predictions: list[str] = []
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         rows = examples[start : start + batch_size]
         images = [image for image, _, _ in rows]
-        if noise_images:
-            images = [noise_image(image, start + i) for i, image in enumerate(images)]
+        if noise_images:  # videos and text-only prompts stay as they are
+            images = [noise_image(image, start + i) if isinstance(image, Image.Image) else image
+                      for i, image in enumerate(images)]
         predictions += generate_answers(model, processor, images, [q for _, q, _ in rows],
                                         max_new_tokens=max_new_tokens)
     return predictions

@@ -27,6 +27,7 @@ from .remote.modeling_proxyv import (
     ProxyVLlavaOnevisionForConditionalGeneration,
     ProxyVLlavaOnevisionModel,
 )
+from .remote.processing_proxyv import ProxyVLlavaNextVideoProcessor, ProxyVLlavaOnevisionProcessor
 
 # Source checkpoint key -> native key of the ProxyV model with head; the first matching rule wins. `{vision}` is
 # "vision_model." when the installed transformers keeps that level in the vision tower, else "".
@@ -100,6 +101,10 @@ class Family:
     tags: tuple[str, ...]  # the model card's Hub tags for the family
     proxies_note: str  # the model card's proxy row, after the per-grid count ("" when nothing to add)
     video: bool = False  # prompts may hold videos (`pixel_values_videos`); their proxies may span frames
+    video_inputs: tuple[str, ...] = ()  # processor outputs a forward with videos needs beside the token ids and mask
+    # The processor class its checkpoints load with (remote/processing_proxyv.py, written into processor_config.json's
+    # auto_map): None for transformers' own, which loads everywhere
+    processor: type | None = None
     vllm: str = ""  # its model class for vLLM in vllm_model.py ("": vLLM serving not supported)
 
     def video_settings(self, video_frames: int) -> dict:
@@ -123,6 +128,14 @@ class Family:
             "AutoModel": f"modeling_proxyv.{self.base.__name__}",
             "AutoModelForImageTextToText": f"modeling_proxyv.{self.head.__name__}",
         }
+
+    def visual_token_ids(self, config) -> tuple[int, ...]:
+        """The ids of the tokens that stand for image (and video) features in a prompt of this family's config."""
+        return (config.image_token_id, *((config.video_token_id,) if self.video else ()))
+
+    def processor_auto_map(self) -> dict[str, str]:
+        """The `auto_map` of the family's processor config ({} when transformers' own processor serves it)."""
+        return {"AutoProcessor": f"processing_proxyv.{self.processor.__name__}"} if self.processor else {}
 
 
 FAMILIES: dict[str, Family] = {
@@ -150,7 +163,8 @@ FAMILIES: dict[str, Family] = {
             label="LLaVA-OneVision (AnyRes crops up to anyres_max_9, newline tokens computed like text; video)",
             tags=("llava", "llava_onevision", "video-text-to-text"),
             proxies_note=" per crop grid and per video frame group; the high-resolution grid and the frames are "
-            "downsampled by the same factor", video=True,
+            "downsampled by the same factor", video=True, video_inputs=("pixel_values_videos",),
+            processor=ProxyVLlavaOnevisionProcessor,
         ),
         Family(
             model_type="llava_next_video", config=ProxyVLlavaNextVideoConfig, base=ProxyVLlavaNextVideoModel,
@@ -159,7 +173,8 @@ FAMILIES: dict[str, Family] = {
             label="LLaVA-NeXT-Video (AnyRes crops, newline tokens computed like text; video)",
             tags=("llava", "llava_next_video", "video-text-to-text"),
             proxies_note=" per crop grid and per video frame group; the high-resolution grid and the frames are "
-            "downsampled by the same factor", video=True,
+            "downsampled by the same factor", video=True, video_inputs=("pixel_values_videos",),
+            processor=ProxyVLlavaNextVideoProcessor,
         ),
     )
 }

@@ -11,13 +11,21 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 
 from .errors import ProxyVError
 from .families import FAMILIES, PROXYV_FAMILIES, Family
+from .video import FrameProcessor
 
 REMOTE_DIR = Path(__file__).parent / "remote"
-CODE_FILES = ("configuration_proxyv.py", "modeling_proxyv.py")
+CODE_FILES = ("configuration_proxyv.py", "modeling_proxyv.py", "processing_proxyv.py")
 PROXYV_PREFIX = "model.proxyv."  # every parameter ProxyV adds
 # What the commands write into a model folder beside the weights, code and recipe.yaml
 CARD_FILE = "README.md"
@@ -108,6 +116,21 @@ def load_model(
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def load_processor(folder: str | Path) -> ProcessorMixin:
+    """The processor of a model folder (ProxyV or its source): the family's ProxyV processor class where it has one
+    (it loads without torchvision: images and text work, videos raise), else transformers' own. A video family's
+    processor carries a `frame_processor` (video.py) with which the data loader processes videos without
+    torchvision."""
+    folder = Path(folder)
+    family = folder_family(folder) or FAMILIES.get(folder_model_type(folder))
+    processor_class = family.processor if family is not None and family.processor is not None else AutoProcessor
+    processor = processor_class.from_pretrained(folder)
+    if family is not None and family.video_inputs:  # what the data loader turns a video's frames into pixels with
+        processor.frame_processor = FrameProcessor.from_folder(folder, processor.image_processor,
+                                                               family.video_inputs[0])
+    return processor
 
 
 register_auto_classes()

@@ -186,7 +186,7 @@ def check_code(folder: Path) -> None:
         if path.suffix.lower() == ".py" and path.relative_to(folder).as_posix() not in CODE_FILES:
             raise ProxyVError(
                 f"{_shown(path)} is Python code that proxyv did not write, and a ProxyV model carries only "
-                f"{' and '.join(CODE_FILES)}; move it out of the folder and push again"
+                f"{', '.join(CODE_FILES)}; move it out of the folder and push again"
             )
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and p.is_file()):
         try:
@@ -197,7 +197,7 @@ def check_code(folder: Path) -> None:
         if problem:
             raise ProxyVError(
                 f"{_shown(path)} has an auto_map that {problem}; a ProxyV model's auto_map names only classes of "
-                f"{' and '.join(CODE_FILES)}: remove the entry or convert the model again"
+                f"{', '.join(CODE_FILES)}: remove the entry or convert the model again"
             )
 
 

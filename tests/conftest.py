@@ -25,10 +25,19 @@ sys.path.insert(0, str(TESTS))
 from hub_server import local_hub  # noqa: E402,F401
 
 
+def installed(package: str) -> bool:
+    """Whether `package` is installed. tests/ is on sys.path, where a test folder of the same name passes for a
+    namespace package (one without an origin)."""
+    spec = importlib.util.find_spec(package)
+    return spec is not None and spec.origin is not None
+
+
 def pytest_ignore_collect(collection_path, config):
-    # tests/vllm need vLLM, which lives in its own environment (see tests/vllm/conftest.py); CI runs them there.
-    if collection_path == TESTS / "vllm" and importlib.util.find_spec("vllm") is None:
-        return True
+    # tests/vllm and tests/lmms_eval need vLLM and lmms-eval, which live in environments of their own (see their
+    # conftest.py); CI runs them there.
+    for package in ("vllm", "lmms_eval"):
+        if collection_path == TESTS / package and not installed(package):
+            return True
     return None
 
 

@@ -22,8 +22,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                     grids: list[tuple[int, int, int, int]] | None = None, **inputs) -> torch.Tensor:
+                     grids: list[tuple[int, int, int, int]] | None = None, attentions: dict | None = None,
+                     **inputs) -> torch.Tensor:
     """Logits (T, vocab) of ProxyV for one prompt `input_ids` (T,), computed token by token.
+
+    `attentions`: a dict that receives, for every layer from the start layer on, the attention weights (heads, T, T)
+    of the sequence's queries over its keys (text and newline queries; full vision tokens have no query: zero rows).
 
     `grids`: (first row, rows, columns, row stride) of every image grid; by default each run of grid*grid image
     tokens is one square grid (LLaVA-1.5). Image tokens outside every grid (LLaVA-NeXT's newlines) act as text that
@@ -88,6 +92,7 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
         k = rope(attn.k_proj(normed).view(-1, kv_heads, head_dim), cos, sin)
         v = attn.v_proj(normed).view(-1, kv_heads, head_dim)
         new_states = {}
+        weights = torch.zeros(heads, seq, seq)
         for qi, tok in enumerate(tokens):
             if tok["kind"] == "vision":
                 continue
@@ -99,9 +104,13 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
                 kv = h // (heads // kv_heads)
                 scores = (k[keys, kv] @ q[qi, h]) * head_dim**-0.5
                 out.append(torch.softmax(scores, dim=0) @ v[keys, kv])
+                if qi < seq:  # a query of the sequence (text or newline); its keys are the sequence's rows
+                    weights[h, qi, keys] = torch.softmax(scores, dim=0)
             after_attn = tok["state"] + attn.o_proj(torch.cat(out))
             post = layer.post_attention_layernorm
             new_states[qi] = after_attn + layer.mlp(rms(after_attn, post.weight, post.variance_epsilon))
+        if attentions is not None:
+            attentions[layer_idx] = weights
         mlp = model.model.proxyv.vision_mlps[str(layer_idx)]
         proxy_state = {(tok["image"], tok["cell"]): new_states[i] for i, tok in enumerate(tokens)
                        if tok["kind"] == "proxy"}

@@ -17,6 +17,7 @@ import torch
 from proxyv_reference import reference_logits
 from test_modeling import PROMPTS, batch, convert_in_memory, greedy_without_cache, pixel_values_for
 from tiny_models import save_tiny_llava, tiny_llava
+from transformers import DynamicCache
 
 from proxyv_convert.bench import Runner, bench, plan_tensors, synthetic_inputs
 
@@ -163,6 +164,48 @@ def test_cuda_graph_replays_a_new_prompt(cuda_pair, split):
     got = replay()
     assert (got - runner.cuda_graph_prefill(False)()).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_prefill_graphs_by_default_on_cuda(cuda_pair):
+    """At batch 1 on CUDA the model captures its language-model prefill in a CUDA graph the second time a shape
+    comes and replays it after that, with each prompt's own plan (its image elsewhere), embeddings and cache: the
+    eager forward's logits and cache (the layers before the start layer may take another attention kernel in the
+    graph), generate's tokens, a next chat turn continuing the cache."""
+    from test_downstream import SAME_SHAPE, TURN_TWO, cache_of
+
+    model = copy.deepcopy(cuda_pair[1])
+    eager = copy.deepcopy(cuda_pair[1])
+    eager.config.proxyv_cuda_graphs = False
+    with torch.no_grad():
+        for i, prompt in enumerate(SAME_SHAPE):
+            ids = torch.tensor([prompt], device=CUDA)
+            pixels = pixel_values_for([prompt], seed=i).to(CUDA)
+            got = model(input_ids=ids, pixel_values=pixels, use_cache=True)
+            expected = eager(input_ids=ids, pixel_values=pixels, use_cache=True)
+            torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-3)
+            for ours, theirs in zip(cache_of(got).layers, cache_of(expected).layers, strict=True):
+                torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-4, rtol=1e-3)
+        graphs = model.model._proxyv_graphs
+        assert graphs.counts == {"captured": 1, "replayed": 2, "eager": 1}
+        ids = torch.tensor([SAME_SHAPE[0]], device=CUDA)
+        pixels = pixel_values_for([SAME_SHAPE[0]], seed=7).to(CUDA)
+
+        def chat(side) -> tuple[torch.Tensor, torch.Tensor]:
+            cache = DynamicCache(config=side.config.text_config)
+            out = side.generate(input_ids=ids, pixel_values=pixels, past_key_values=cache, max_new_tokens=4,
+                                do_sample=False, return_dict_in_generate=True)
+            conversation = torch.cat([out.sequences, torch.tensor([TURN_TWO], device=CUDA)], dim=1)
+            continued = side.generate(input_ids=conversation, attention_mask=torch.ones_like(conversation),
+                                      pixel_values=pixel_values_for([SAME_SHAPE[0]], seed=5).to(CUDA),
+                                      past_key_values=cache, max_new_tokens=4, do_sample=False)
+            return out.sequences, continued
+
+        expected = chat(eager)
+        replayed = graphs.counts["replayed"]
+        rounds = [chat(model) for _ in range(2)]  # generate's prefill is captured by the second round at the latest
+        assert graphs.counts["replayed"] > replayed
+    for got in rounds:
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_cli_bench_on_cuda(tmp_path):

@@ -606,12 +606,6 @@ def test_partial_image_is_refused(proxyv):
         proxyv(inputs_embeds=proxyv.get_input_embeddings()(torch.tensor([prompt])))
 
 
-def test_output_attentions_is_refused_with_proxyv_on(proxyv):
-    prompt = PROMPTS["one image"]
-    with pytest.raises(ValueError, match="output_attentions"):
-        proxyv(input_ids=torch.tensor([prompt]), pixel_values=pixel_values_for([prompt]), output_attentions=True)
-
-
 @pytest.mark.parametrize(
     "kwargs,message",
     [

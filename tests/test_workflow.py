@@ -31,14 +31,6 @@ MODELS = {
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": dict(family="llava_onevision", layers=14),
     "llava-hf/LLaVA-NeXT-Video-7B-hf": dict(family="llava_next_video", layers=14),
 }
-# transformers builds no OneVision / NeXT-Video processor without torchvision (their video processor needs it), and
-# distill, eval and push all use the processor: those recipes run end to end only where torchvision imports.
-try:
-    import torchvision  # noqa: F401
-
-    HAS_TORCHVISION = True
-except Exception:  # noqa: BLE001 - a CUDA wheel beside a CPU torch fails with other errors than ImportError
-    HAS_TORCHVISION = False
 # Size overrides that keep a run to a minute on a CPU; everything else is as written.
 SMALL_OPTIONS = {
     "distill": ["--steps", "2", "--eval-examples", "2", "--checkpoint-every", "1"],
@@ -161,7 +153,6 @@ def test_the_readme_workflow_runs_as_written(hub, tmp_path):
 
 REAL_RECIPES = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-onevision-0.5b", "llava-onevision-7b",
                 "llava-next-video-7b")
-VIDEO_RECIPES = ("llava-onevision-0.5b", "llava-onevision-7b", "llava-next-video-7b")
 
 
 def test_every_shipped_real_model_recipe_is_covered():
@@ -173,8 +164,6 @@ def test_every_shipped_real_model_recipe_is_covered():
 @pytest.mark.longest
 @pytest.mark.parametrize("name", REAL_RECIPES)
 def test_shipped_recipe_runs_end_to_end_against_the_hub(hub, tmp_path, name):
-    if name in VIDEO_RECIPES and not HAS_TORCHVISION:
-        pytest.skip("the OneVision / NeXT-Video processors need torchvision, which does not import here")
     recipe, _ = load_recipe(name)
     repo = f"me/{name}-proxyv"
     env = environment(hub, tmp_path / "hf")

@@ -83,6 +83,10 @@ PROXYV_DOC = r"""
             Proxies per image grid with `"learned"` (default: as many as the spatial variant makes).
         proxyv_base_model (`str`, *optional*):
             The checkpoint this model was converted from (provenance only).
+        proxyv_cuda_graphs (`bool`, defaults to `True`):
+            On CUDA, a single prompt's language-model prefill with images is captured in a CUDA graph the second time
+            its shape is seen and replayed after that (the same computation, launched at once). `False`: always the
+            eager forward.
 """
 
 
@@ -143,6 +147,7 @@ class ProxyVLlavaConfig(ProxyVConfigMixin, LlavaConfig):
     proxyv_proxy: str = "spatial"
     proxyv_learned_proxies: int | None = None
     proxyv_base_model: str | None = None
+    proxyv_cuda_graphs: bool = True
 
 
 class ProxyVLlavaNextConfig(ProxyVConfigMixin, LlavaNextConfig):
@@ -160,6 +165,7 @@ class ProxyVLlavaNextConfig(ProxyVConfigMixin, LlavaNextConfig):
     proxyv_proxy: str = "spatial"
     proxyv_learned_proxies: int | None = None
     proxyv_base_model: str | None = None
+    proxyv_cuda_graphs: bool = True
 
 
 
@@ -221,6 +227,7 @@ class ProxyVLlavaOnevisionConfig(ProxyVVideoConfigMixin, LlavaOnevisionConfig):
     proxyv_proxy: str = "spatial"
     proxyv_learned_proxies: int | None = None
     proxyv_base_model: str | None = None
+    proxyv_cuda_graphs: bool = True
     proxyv_video_frames: int = 1
 
 
@@ -240,6 +247,7 @@ class ProxyVLlavaNextVideoConfig(ProxyVVideoConfigMixin, LlavaNextVideoConfig):
     proxyv_proxy: str = "spatial"
     proxyv_learned_proxies: int | None = None
     proxyv_base_model: str | None = None
+    proxyv_cuda_graphs: bool = True
     proxyv_video_frames: int = 1
 
 

@@ -23,6 +23,9 @@ import dataclasses
 import functools
 import inspect
 import math
+import threading
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -31,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    DynamicCache,
     GenerationMixin,
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextPreTrainedModel,
@@ -351,6 +356,7 @@ class ProxyVPlan:
         batch, seq = image_mask.shape
         if attention_mask is not None:
             attention_mask = attention_mask.numpy()
+        self.padded = attention_mask is not None and not bool(attention_mask.all())  # some token is not real
         self.modules = modules
         self.learned = learned is not None
         self.start_layer, self.last_layer = start_layer, num_layers - 1
@@ -398,6 +404,9 @@ class ProxyVPlan:
         text_valid = np.arange(text_slots) < text_lengths[:, None]
         text_index[~text_valid] = 0
         self.num_proxies, self.num_text_slots = proxies, text_slots
+        # Each text slot's row in the sequence, `seq` for an unused slot (see `sequence_attention`).
+        self._text_rows = np.where(text_valid, text_index, seq)
+        self.attentions: list[torch.Tensor] | None = None  # per ProxyV layer, when the forward outputs attentions
         # Row r of a layer's output is row out_index[r] of cat([text slots, proxy slots, vision slots]).
         out_index = np.empty((batch, seq + proxies), dtype=np.int64)
         out_index[:, :seq] = is_text.cumsum(1) - 1
@@ -529,6 +538,21 @@ class ProxyVPlan:
                    mask[:, 0, :, seq:]]
         return np.concatenate(columns, axis=2)[:, None]
 
+    def sequence_attention(self, weights: torch.Tensor, key_rows: int) -> torch.Tensor:
+        """A ProxyV layer's attention weights (B, h, Q, keys) -> the sequence's (B, h, T, key_rows), as the original
+        layer's: each text query's row over the sequence's keys (the cache's `key_rows` when one is given; a prefill
+        continuing a cache attends over all of them). Proxy queries and proxy keys are no part of the sequence and are
+        dropped (a text query never attends to a proxy, so its row still sums to 1); full vision tokens have no query
+        from the start layer on: their rows are zeros."""
+        batch, heads = weights.shape[:2]
+        real = key_rows if self.cached else self.seq_len  # columns of the sequence's keys, in the order of its rows
+        if getattr(self, "_text_rows_device", None) is None:
+            self._text_rows_device = torch.from_numpy(self._text_rows).to(weights.device)
+        rows = self._text_rows_device[:, None, :, None].expand(-1, heads, -1, real)
+        out = weights.new_zeros(batch, heads, self.seq_len + 1, key_rows)  # the last row takes the unused slots
+        out.scatter_(2, rows, weights[:, :, : self.num_text_slots, :real])
+        return out[:, :, : self.seq_len]
+
     def keys_with_context(self, layer: int, cached: tuple[torch.Tensor, torch.Tensor] | None, key: torch.Tensor,
                           value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keeps this layer's proxy keys/values (after the earlier prefills' ones) for a prefill continuing the cache,
@@ -655,9 +679,11 @@ def _outside_graph(build: Callable[[], ProxyVPlan | None]) -> ProxyVPlan | None:
     return build()
 
 
-def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Masked attention of (B, h, Q, d) queries over (B, kv_h, K, d) keys/values -> (B, Q, h, d); `mask` (True =
-    attend) and the same mask as an additive `bias` (for SDPA)."""
+def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor, bias: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masked attention of (B, h, Q, d) queries over (B, kv_h, K, d) keys/values -> (B, Q, h, d), and with eager
+    attention the weights (B, h, Q, K) (SDPA gives none, as in the original layers); `mask` (True = attend) and the
+    same mask as an additive `bias` (for SDPA)."""
     groups = attn.num_key_value_groups
     dropout = attn.attention_dropout if attn.training else 0.0
     if attn.config._attn_implementation == "eager":
@@ -673,7 +699,8 @@ def proxyv_attention(attn: nn.Module, query, key, value, mask: torch.Tensor, bia
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=bias, dropout_p=dropout, scale=attn.scaling, enable_gqa=groups > 1
         )
-    return out.transpose(1, 2)
+        weights = None
+    return out.transpose(1, 2), weights
 
 
 def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -804,11 +831,16 @@ class ProxyVDecoderLayerMixin:
         query, key = apply_rope(query, cos_q, sin_q), apply_rope(key, cos_k, sin_k)
 
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        key_rows = seq
         if cache is not None:  # the cache gets the sequence's own keys/values, never the proxies'
             cached = cache.update(key[:, :, :seq], value[:, :, :seq], layer_idx)
+            key_rows = cached[0].shape[2]  # the keys the original layer attends over
             key, value = plan.keys_with_context(layer_idx, cached, key, value)
 
-        attended = proxyv_attention(attn, query, key, value, plan.mask, bias).reshape(batch, queries, -1)
+        attended, weights = proxyv_attention(attn, query, key, value, plan.mask, bias)
+        attended = attended.reshape(batch, queries, -1)
+        if plan.attentions is not None and weights is not None:
+            plan.attentions.append(plan.sequence_attention(weights, key_rows))
         residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
         out_q = residual + attn.o_proj(attended)
         mlp_out = self._proxyv_mlp(backbone_norm(self.post_attention_layernorm, out_q))
@@ -850,6 +882,255 @@ class ProxyVInitMixin:
             init_proxyv_module(module, self.config.text_config.initializer_range)
         else:
             super()._init_weights(module)
+
+
+# --- the language-model prefill in CUDA graphs ----------------------------------------------------------------------
+
+
+def capture_cuda_graph(fn: Callable[[], object], pool=None) -> tuple["torch.cuda.CUDAGraph", object]:
+    """`fn` captured in a CUDA graph (in the memory pool `pool`, if given), and the output tensors the graph writes.
+    Two calls on a side stream first keep lazy initialisation (cuBLAS handles, workspaces) out of the graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+def plan_tensors(plan: ProxyVPlan) -> list[torch.Tensor]:
+    """The index and mask tensors of a plan, in a fixed order (not the ones a forward computes and keeps)."""
+    from torch.utils._pytree import tree_leaves
+
+    skip = ("modules", "learned_back", "next_context", "previous", "attentions")
+    fields = {k: v for k, v in vars(plan).items() if not k.startswith("_") and k not in skip}
+    return [leaf for leaf in tree_leaves(fields) if isinstance(leaf, torch.Tensor)]
+
+
+def plan_layout(plan: ProxyVPlan) -> tuple:
+    """What a forward's control flow and shapes take from a plan: plans with the same layout differ only in the values
+    of their tensors, which a captured forward reads from the tensors it was captured with."""
+    return (plan.seq_len, plan.num_proxies, plan.num_text_slots, plan.num_vision, plan.dense, plan.learned,
+            plan.start_layer, plan.last_layer, plan.cached,
+            tuple((shape, proxy_shape) for shape, proxy_shape, _, _ in plan.proxy_groups),
+            tuple((tuple(t.shape), t.dtype) for t in plan_tensors(plan)))
+
+
+class _PrefillCache(DynamicCache):
+    """The cache a captured prefill runs with: empty, it hands each layer its own keys and values back (what an empty
+    cache's update returns) and records them; after a replay they go into the caller's cache."""
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.recorded[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+@dataclass
+class _CapturedPrefill:
+    graph: object  # replay() runs the captured prefill again
+    inputs: dict[str, torch.Tensor]  # the tensors it reads its inputs from
+    plan: ProxyVPlan  # the plan whose tensors it reads
+    outputs: dict  # the tensors it writes: "hidden" (B, T, H), "keys" and "proxy_keys" {layer: (keys, values)}
+    with_cache: bool
+
+
+class ProxyVPrefillGraphs:
+    """The language model's ProxyV prefill captured in a CUDA graph once per input shape, then replayed: at batch 1 the
+    eager ProxyV layers take longer to launch their kernels than to run them, a replay launches them all at once.
+
+    A new prompt's plan is built on the host as usual and copied into the captured plan's tensors, its embeddings (and
+    mask, positions) into the captured inputs; after the replay the keys and values the graph wrote go into the
+    caller's cache through its own `update` (which copies them), the proxies' keys beside it for a later turn, and the
+    hidden states are copied out. A shape is captured the `after`-th time it is seen (so a prompt length seen once
+    costs nothing more than the eager forward); at most `limit` graphs are kept, the least recently used dropped
+    first (each keeps one prompt's keys and values on the device, about the size of its KV cache), and all are dropped
+    when a weight moves (`.to()`, `fuse_projections`, a replaced parameter). `capture(fn) -> (graph, outputs)` captures
+    on the devices named in `devices`; by default `capture_cuda_graph` on CUDA.
+    """
+
+    def __init__(self, capture: Callable | None = None, devices: tuple[str, ...] = ("cuda",), limit: int = 4,
+                 after: int = 2):
+        self.capture, self.devices, self.limit, self.after = capture, tuple(devices), limit, after
+        self.entries: OrderedDict[tuple, _CapturedPrefill | None] = OrderedDict()  # None: the capture failed
+        self.sightings: OrderedDict[tuple, int] = OrderedDict()  # shapes seen, not captured yet
+        self.weights: tuple = ()  # where every weight was when the graphs were captured
+        self.counts = {"captured": 0, "replayed": 0, "eager": 0}
+        self._owner: int | None = None  # the thread whose forward is routed here
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo):  # a copied model captures graphs of its own weights
+        return ProxyVPrefillGraphs(self.capture, self.devices, self.limit, self.after)
+
+    def __reduce__(self):  # graphs are not saved with a pickled model
+        return ProxyVPrefillGraphs, (None, self.devices, self.limit, self.after)
+
+    @contextlib.contextmanager
+    def routing(self, model) -> Iterator[None]:
+        """Within this block this thread's calls of `model.language_model` go through the graphs (another thread's,
+        and a second routed forward at the same time, run the language model's own forward)."""
+        lm = model.language_model
+        if not self._lock.acquire(blocking=False):
+            yield
+            return
+        lm.forward = functools.partial(self._forward, model)
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            del lm.forward
+            self._owner = None
+            self._lock.release()
+
+    def _forward(self, model, *args, **kwargs):
+        lm = model.language_model
+        if args or threading.get_ident() != self._owner:  # the backbones pass every argument by keyword
+            return type(lm).forward(lm, *args, **kwargs)
+        pending = kwargs.get("proxyv_plan")
+        plan = pending.get() if isinstance(pending, ProxyVPendingPlan) else pending
+        key = None if plan is None else self._key(model, plan, kwargs)
+        if key is None:
+            self.counts["eager"] += 1
+            return type(lm).forward(lm, **kwargs)
+        return self._prefill(model, plan, key, kwargs)
+
+    @staticmethod
+    def _cache_keyword(lm) -> str:
+        """transformers renamed `past_key_values` to `cache` (5.18+)."""
+        return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+
+    def _key(self, model, plan: ProxyVPlan, kwargs: dict) -> tuple | None:
+        """What a captured prefill is reused for: the plan's layout, the inputs' shapes and the other arguments, the
+        attention implementation. None where a graph cannot stand in for the forward."""
+        if plan.cached or plan.padded or plan.attentions is not None:
+            return None
+        name = self._cache_keyword(model.language_model)
+        cache = kwargs.get(name)
+        if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length() != 0):
+            return None
+        tensors, settings = [], []
+        for arg, value in sorted(kwargs.items()):
+            if arg in (name, "proxyv_plan"):
+                continue
+            if isinstance(value, torch.Tensor):
+                if value.device != plan.mask.device or value.requires_grad:
+                    return None
+                tensors.append((arg, tuple(value.shape), value.dtype))
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                settings.append((arg, value))
+            else:
+                return None
+        if not self._replayable(model):
+            return None
+        attention = model.language_model.config._attn_implementation
+        return plan_layout(plan), tuple(tensors), tuple(settings), cache is not None, attention, str(plan.mask.device)
+
+    def _replayable(self, model) -> bool:
+        """Whether a replay computes what the language model's forward computes: every module one of torch's,
+        transformers' or this file's, none with a hook (but transformers' output capture, idle here) or a replaced
+        forward. Drops the graphs when a weight has moved since they were captured."""
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return False
+        lm, weights = model.language_model, []
+        for part in (lm, model.proxyv):
+            for module in part.modules():
+                kind = type(module).__module__
+                if not (kind.startswith(("torch.", "transformers.")) or kind == __name__):
+                    return False
+                if (module is not lm and "forward" in module.__dict__) or hasattr(module, "_hf_hook"):
+                    return False
+                for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                    if any(getattr(hook, "__name__", "") != "output_capturing_hook" for hook in hooks.values()):
+                        return False
+                weights.extend((t.data_ptr(), t.shape) for t in module._parameters.values() if t is not None)
+                weights.extend((t.data_ptr(), t.shape) for t in module._buffers.values() if t is not None)
+        if tuple(weights) != self.weights:  # its shapes have been seen: captured again at their next call
+            self.sightings.update(dict.fromkeys(self.entries, self.after - 1))
+            self.entries.clear()
+            self.weights = tuple(weights)
+        return True
+
+    def _prefill(self, model, plan: ProxyVPlan, key: tuple, kwargs: dict):
+        lm = model.language_model
+        context = plan.next_context  # the caller's (a capture's runs leave it alone)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+        else:
+            seen = self.sightings.pop(key, 0) + 1
+            if seen < self.after:
+                self.sightings[key] = seen
+                while len(self.sightings) > 64:
+                    self.sightings.popitem(last=False)
+                self.counts["eager"] += 1
+                return type(lm).forward(lm, **kwargs)
+            self.entries[key] = self._capture(model, plan, kwargs)
+            while len(self.entries) > self.limit:
+                self.entries.popitem(last=False)
+        entry = self.entries[key]
+        if entry is None:
+            self.counts["eager"] += 1
+            return type(lm).forward(lm, **kwargs)
+
+        if plan is not entry.plan:
+            for target, value in zip(plan_tensors(entry.plan), plan_tensors(plan), strict=True):
+                target.copy_(value, non_blocking=True)
+        for arg, buffer in entry.inputs.items():
+            buffer.copy_(kwargs[arg], non_blocking=True)
+        entry.graph.replay()
+        self.counts["replayed"] += 1
+
+        name = self._cache_keyword(lm)
+        cache = kwargs.get(name)
+        if cache is None and entry.with_cache:  # as the language model makes one
+            cache = DynamicCache(config=lm.config)
+        if cache is not None:
+            for layer, (keys, values) in sorted(entry.outputs["keys"].items()):
+                cache.update(keys, values, layer)
+        proxies = [t for pair in entry.outputs["proxy_keys"].values() for t in pair]
+        if proxies:  # copied out in one go: a later prefill continuing the cache reads them
+            parts = iter(torch.cat([t.reshape(-1) for t in proxies]).split([t.numel() for t in proxies]))
+            for layer, (keys, values) in entry.outputs["proxy_keys"].items():
+                context.keys[layer] = (next(parts).view(keys.shape), next(parts).view(values.shape))
+        out = BaseModelOutputWithPast(last_hidden_state=entry.outputs["hidden"].clone(), **{name: cache})
+        return out if kwargs.get("return_dict", True) is not False else out.to_tuple()
+
+    def _capture(self, model, plan: ProxyVPlan, kwargs: dict) -> _CapturedPrefill | None:
+        """The prefill with these arguments captured, reading its inputs from copies of them and `plan`'s tensors."""
+        lm = model.language_model
+        name = self._cache_keyword(lm)
+        with_cache = kwargs.get(name) is not None or bool(kwargs.get("use_cache"))
+        inputs = {arg: value.clone() for arg, value in kwargs.items() if isinstance(value, torch.Tensor)}
+        settings = {arg: value for arg, value in kwargs.items()
+                    if not isinstance(value, torch.Tensor) and arg not in (name, "proxyv_plan")}
+
+        def prefill() -> dict:
+            plan.next_context = dataclasses.replace(plan.next_context, keys={})  # this run's, not the caller's
+            cache = _PrefillCache(lm.config) if with_cache else None
+            out = type(lm).forward(lm, **inputs, **settings, proxyv_plan=plan, **{name: cache})
+            return {"hidden": out.last_hidden_state, "keys": {} if cache is None else dict(cache.recorded),
+                    "proxy_keys": dict(plan.next_context.keys)}
+
+        try:
+            if self.capture is not None:
+                graph, outputs = self.capture(prefill)
+            else:  # each graph in a memory pool of its own: graphs replay in any order
+                with torch.cuda.device(plan.mask.device):
+                    graph, outputs = capture_cuda_graph(prefill)
+        except Exception as error:  # whatever fails to capture, the eager forward runs this shape
+            warnings.warn(f"ProxyV could not capture the prefill in a CUDA graph ({type(error).__name__}: {error}); "
+                          "prompts of this shape run eagerly", stacklevel=2)
+            return None
+        self.counts["captured"] += 1
+        return _CapturedPrefill(graph, inputs, plan, outputs, with_cache)
 
 
 # Signature of the backbone's own forward, per ProxyV model class (see ProxyVModelMixin.forward).
@@ -960,9 +1241,6 @@ class ProxyVModelMixin:
                 return None
             if attention_mask is not None and not two_d:
                 raise ValueError("ProxyV takes a 2-D attention mask (batch, sequence) of ones and zeros")
-            if arguments.get("output_attentions") or self.config.output_attentions:
-                raise ValueError(
-                    "output_attentions is not available with ProxyV on; use `with model.proxyv_disabled():`")
             continuing = {} if cached == 0 else self._continuation(
                 cache, cached, seq, attention_mask if two_d else None, len(image_mask))
             fusion = self.__dict__.get("_proxyv_fusion")
@@ -973,6 +1251,8 @@ class ProxyVModelMixin:
                 image_mask, masks[len(masks) // 2 :] if two_d else None, self._image_grids(image_mask, arguments),
                 device=device, modules=self.proxyv, **self._plan_settings, **continuing,
             )
+            if arguments.get("output_attentions"):
+                plan.attentions = []
             if cache is not None:  # for a later prefill continuing this cache (the proxies are not in it)
                 cache._proxyv_context = plan.next_context
             return plan
@@ -1008,6 +1288,36 @@ class ProxyVModelMixin:
             "learned": config.proxyv_learned_proxies if config.proxyv_proxy == "learned" else None,
         }
 
+    def _prefill_graphs(self, arguments: dict) -> ProxyVPrefillGraphs | None:
+        """The prefill graphs (`ProxyVPrefillGraphs`) a forward with these arguments may replay, or None where they do
+        not apply: `proxyv_cuda_graphs` off, a device they do not serve (CPU), more than one prompt, gradients,
+        training, compiling, attentions or hidden states asked for, a cache other than an empty DynamicCache, a
+        language model whose forward was replaced (compiled, wrapped). The language model makes the last checks when
+        it is called (an empty cache, no padding, no adapters or hooks: see `ProxyVPrefillGraphs._key`)."""
+        if not getattr(self.config, "proxyv_cuda_graphs", True):
+            return None
+        graphs = self.__dict__.get("_proxyv_graphs")
+        devices = ("cuda",) if graphs is None else graphs.devices
+        tokens = arguments.get("input_ids")
+        tokens = arguments.get("inputs_embeds") if tokens is None else tokens
+        if tokens is None or tokens.device.type not in devices or tokens.shape[0] != 1:
+            return None
+        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
+            return None
+        for name in ("output_attentions", "output_hidden_states"):
+            asked = arguments.get(name)
+            if asked or (asked is None and (getattr(self.config, name, False)
+                                            or getattr(self.config.text_config, name, False))):
+                return None
+        cache = arguments.get("cache", arguments.get("past_key_values"))
+        lm = self.language_model
+        if (cache is not None and type(cache) is not DynamicCache) or "forward" in lm.__dict__ or hasattr(
+                lm, "_orig_mod"):
+            return None
+        if graphs is None:
+            graphs = self._proxyv_graphs = ProxyVPrefillGraphs()
+        return graphs
+
     @staticmethod
     def _decoding(args: tuple, kwargs: dict) -> bool:
         """A decoding step: token ids continuing a sequence the cache already holds, with no images. ProxyV has no
@@ -1030,14 +1340,21 @@ class ProxyVModelMixin:
             value is not None for name, value in arguments.items() if name in _VISUAL_INPUTS
         ):  # without images or videos, image-token ids are embedded as ordinary tokens, as LLaVA does
             return super().forward(*args, **kwargs)
+        if arguments.get("output_attentions") is None and getattr(self.config, "output_attentions", False):
+            arguments["output_attentions"] = True  # also for the language model's layers before the start layer
         plan = self._pending_plan(arguments)
         return_dict = arguments.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        outputs = super().forward(**arguments, proxyv_plan=plan.argument_for(self.language_model), return_dict=True)
+        graphs = self._prefill_graphs(arguments)
+        with contextlib.nullcontext() if graphs is None else graphs.routing(self):
+            outputs = super().forward(**arguments, proxyv_plan=plan.argument_for(self.language_model),
+                                      return_dict=True)
         built = plan.get()  # None: no image in the prompts, the forward was the original one
         if built is not None and outputs.hidden_states is not None:  # drop the proxies carried between layers
             outputs.hidden_states = tuple(None if h is None else h[:, : built.seq_len] for h in outputs.hidden_states)
+        if built is not None and built.attentions:  # the layers before the start layer recorded theirs
+            outputs.attentions = tuple(outputs.attentions or ()) + tuple(built.attentions)
         return outputs if return_dict else outputs.to_tuple()
 
 
@@ -1378,7 +1695,7 @@ class ProxyVLlavaOnevisionModel(ProxyVVideoMixin, ProxyVModelMixin, ProxyVLlavaO
 
 
 class ProxyVLlavaOnevisionForConditionalGeneration(
-    ProxyVHeadMixin, ProxyVLlavaOnevisionPreTrainedModel, LlavaOnevisionForConditionalGeneration
+    ProxyVHeadMixin, ProxyVLlavaOnevisionPreTrainedModel, LlavaOnevisionForConditionalGeneration, GenerationMixin
 ):
     """LLaVA-OneVision with a language-modeling head whose language model runs ProxyV from the start layer on."""
 
@@ -1426,7 +1743,7 @@ class ProxyVLlavaNextVideoModel(ProxyVVideoMixin, ProxyVModelMixin, ProxyVLlavaN
 
 
 class ProxyVLlavaNextVideoForConditionalGeneration(
-    ProxyVHeadMixin, ProxyVLlavaNextVideoPreTrainedModel, LlavaNextVideoForConditionalGeneration
+    ProxyVHeadMixin, ProxyVLlavaNextVideoPreTrainedModel, LlavaNextVideoForConditionalGeneration, GenerationMixin
 ):
     """LLaVA-NeXT-Video with a language-modeling head whose language model runs ProxyV from the start layer on."""
 
