@@ -335,8 +335,11 @@ def _resolve_image_paths(rows: datasets.Dataset, table: Path, column: str) -> da
                   for row, value in enumerate(rows[column]) if value}
         return rows.map(lambda _, row: {column: frames.get(row)}, with_indices=True)
     is_struct = isinstance(feature, dict) and "path" in feature
-    if not (isinstance(feature, datasets.Image) or is_struct):
+    is_video = isinstance(feature, getattr(datasets, "Video", ()))
+    if not (isinstance(feature, datasets.Image) or is_struct or is_video):
         return rows
+    if is_video:  # its paths are read undecoded, like an image's
+        rows = _undecoded(rows, column)
     import pyarrow.compute as pc
 
     values = rows.with_format("arrow")[column]  # memory-mapped: no image bytes are copied

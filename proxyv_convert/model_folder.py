@@ -128,8 +128,7 @@ def load_processor(folder: str | Path) -> ProcessorMixin:
     processor_class = family.processor if family is not None and family.processor is not None else AutoProcessor
     processor = processor_class.from_pretrained(folder)
     if family is not None and family.video_inputs:  # what the data loader turns a video's frames into pixels with
-        processor.frame_processor = FrameProcessor.from_folder(folder, processor.image_processor,
-                                                               family.video_inputs[0])
+        processor.frame_processor = FrameProcessor.from_folder(folder, processor, family.video_inputs[0])
     return processor
 
 

@@ -8,6 +8,7 @@ so that distillation and evaluation take videos wherever images work.
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import json
 import os
@@ -102,10 +103,10 @@ class FrameProcessor:
         self.backend = PilBackend(**self.settings)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, image_processor, output: str) -> FrameProcessor:
-        """The settings of the checkpoint's video processor (its own file, or its section of the processor config),
-        completed by its image processor's."""
-        settings = {key: getattr(image_processor, key, None) for key in SETTINGS}
+    def from_folder(cls, folder: str | Path, processor: ProcessorMixin, output: str) -> FrameProcessor:
+        """The settings of the checkpoint's video processor: its own file (or its section of the processor config),
+        then the defaults of its transformers class, then (for a class not found) the image processor's."""
+        saved = {}
         for name in VIDEO_CONFIGS:
             path = Path(folder) / name
             try:
@@ -114,8 +115,11 @@ class FrameProcessor:
                 continue
             data = data.get("video_processor", {}) if name == "processor_config.json" else data
             if isinstance(data, dict) and data:
-                settings.update({k: v for k, v in data.items() if k in SETTINGS})
+                saved = data
                 break
+        settings = {key: getattr(processor.image_processor, key, None) for key in SETTINGS}
+        settings.update(class_defaults(processor, saved.get("video_processor_type")))
+        settings.update({k: v for k, v in saved.items() if k in SETTINGS})
         return cls(settings, output)
 
     def __call__(self, videos: list[list[Image.Image]], **kwargs) -> BatchFeature:
@@ -123,6 +127,20 @@ class FrameProcessor:
         options) are the checkpoint's settings already."""
         pixels = [self.backend(list(frames), return_tensors="pt")["pixel_values"] for frames in videos]
         return BatchFeature({self.output: torch.stack(pixels)})
+
+
+def class_defaults(processor: ProcessorMixin, class_name: str | None) -> dict:
+    """The settings the family's transformers video processor class defines. Its module sits beside the processor's
+    and imports without torchvision (only using the class needs it); {} when there is none."""
+    base = next(c for c in type(processor).__mro__ if c.__module__.startswith("transformers.models."))
+    package, _, name = base.__module__.rpartition(".")  # ....llava_onevision, processing_llava_onevision
+    try:
+        module = importlib.import_module(f"{package}.video_{name}")
+    except ImportError:
+        return {}
+    found = [c for n, c in vars(module).items() if isinstance(c, type) and c.__module__ == module.__name__
+             and (class_name is None or n == class_name)]
+    return {k: getattr(found[0], k) for k in SETTINGS if getattr(found[0], k, None) is not None} if found else {}
 
 
 def with_frame_processor(processor: ProcessorMixin) -> ProcessorMixin:

@@ -254,10 +254,17 @@ def _save_video_processor(path: Path, processor) -> None:
               if getattr(processor, key, None) is not None}
     _write_json(path / "processor_config.json", {"processor_class": type(processor).__name__, **fields})
     _write_json(path / "chat_template.json", {"chat_template": VIDEO_CHAT_TEMPLATE})
-    size = processor.image_processor.size
+    # every setting, as the Hub's files hold them (the image processor's: the tiny frames are its crops)
+    images = processor.image_processor
     video_class = type(processor).__name__.replace("Processor", "VideoProcessor")
-    _write_json(path / "video_preprocessor_config.json", {"video_processor_type": video_class, "size": dict(size),
-                                                          "do_resize": True, "do_normalize": True})
+    settings = {key: getattr(images, key) for key in ("do_convert_rgb", "do_resize", "resample", "do_center_crop",
+                                                      "do_rescale", "rescale_factor", "do_normalize")}
+    settings.update(size=dict(images.size), image_mean=list(images.image_mean), image_std=list(images.image_std))
+    if getattr(images, "crop_size", None):
+        settings["crop_size"] = dict(images.crop_size)
+    _write_json(path / "video_preprocessor_config.json", {
+        "video_processor_type": video_class, "processor_class": type(processor).__name__,
+        **{k: int(v) if k == "resample" else v for k, v in settings.items() if v is not None}})
 
 
 def publish_folder(hub: LocalHub, repo_id: str, folder: Path, repo_type: str = "model") -> str:

@@ -179,14 +179,24 @@ def test_frame_processor_follows_the_video_processor_steps(settings):
     torch.testing.assert_close(pixels[1], expected.flip(0), atol=1e-5, rtol=0)
 
 
-def test_frame_processor_reads_the_checkpoint_video_settings(folders, family):
+def test_frame_processor_settings_come_from_the_checkpoint_then_the_video_processor_class(folders, family, tmp_path):
     source, _, _ = folders
     processor = load_processor(source)
     saved = json.loads((source / "video_preprocessor_config.json").read_text())
     frames = processor.frame_processor
-    assert frames.settings["size"] == saved["size"]
-    assert list(frames.settings["image_mean"]) == list(processor.image_processor.image_mean)  # not in the file
     assert frames.output == FAMILIES[family].video_inputs[0]
+    assert {k: frames.settings[k] for k in saved if k in frames.settings} == {
+        k: v for k, v in saved.items() if k in frames.settings}
+    # settings a checkpoint leaves out are transformers' class defaults (NeXT-Video: a 224x224 center crop), even
+    # where the class itself cannot be used (no torchvision)
+    trimmed = {k: v for k, v in saved.items() if k not in ("crop_size", "do_center_crop", "image_std")}
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(trimmed))
+    defaults = FrameProcessor.from_folder(tmp_path, processor, "pixels").settings
+    assert defaults["image_std"] == [0.26862954, 0.26130258, 0.27577711]  # OPENAI_CLIP_STD
+    if family == "llava_next_video":
+        assert defaults["crop_size"] == {"height": 224, "width": 224} and defaults["do_center_crop"] is True
+    else:
+        assert "crop_size" not in defaults and "do_center_crop" not in defaults
 
 
 def test_videos_of_a_batch_share_a_frame_count():
@@ -299,8 +309,8 @@ def test_video_proxies_benchmark_runs(tmp_path):
     """benchmarks/video_proxies.py end to end on a tiny shape: both proxy settings print their row."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "video_proxies.py"
     result = subprocess.run([sys.executable, str(script), "--hidden", "32", "--layers", "3", "--heads", "2",
-                             "--vocab", "64", "--frames", "4", "--steps", "2", "--train-videos", "4",
-                             "--eval-videos", "2", "--batch-size", "2", "--new-tokens", "2"],
+                             "--vocab", "64", "--start-layer", "1", "--frames", "4", "--steps", "2",
+                             "--train-videos", "4", "--eval-videos", "2", "--batch-size", "2", "--new-tokens", "2"],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {" ".join(line.split()[:2]): line.split()[2:] for line in result.stdout.splitlines()
@@ -309,4 +319,24 @@ def test_video_proxies_benchmark_runs(tmp_path):
     per_frame, pairs = rows["per frame"], rows["2 frames"]
     assert int(per_frame[0]) == 2 * int(pairs[0])  # half the proxies
     assert 0 < float(pairs[1]) < float(per_frame[1]) < 1  # and fewer FLOPs
-    assert per_frame[2] == pairs[2]  # undistilled, both compute the same
+    assert float(per_frame[2]) == float(pairs[2]) > 0  # undistilled, both compute the same (not the original)
+
+
+def test_frame_and_video_paths_in_a_table_stay_inside_its_folder(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "frames").mkdir(parents=True)
+    for i in range(3):
+        random_image(i).save(folder / "frames" / f"{i}.png")
+    random_image(9).save(tmp_path / "secret.png")
+    table = folder / "data.jsonl"
+    rows = [{"video": [f"frames/{i}.png" for i in range(3)], "question": "what"}, {"video": None, "question": "what"}]
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_data(str(table), split="train")
+    video = data.example(0)[0]
+    assert isinstance(video, Video) and [f.size for f in video.frames] == [(56, 40)] * 3
+    assert data.example(1)[0] is TEXT_ONLY
+    for escaping in ({"video": ["frames/0.png", "../secret.png"], "question": "what"},
+                     {"video": str(tmp_path / "secret.png"), "question": "what"}):
+        table.write_text(json.dumps(escaping) + "\n")
+        with pytest.raises(ProxyVError, match="outside the table's folder"):
+            load_data(str(table), split="train")

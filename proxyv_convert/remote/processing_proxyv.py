@@ -11,7 +11,8 @@ loaded with `trust_remote_code=True`.
 
 import functools
 
-from transformers import AutoImageProcessor, LlavaNextVideoProcessor, LlavaOnevisionProcessor
+from transformers import LlavaNextVideoProcessor, LlavaOnevisionProcessor
+from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: a stub without torchvision
 from transformers.utils import is_torchvision_available
 
 NO_VIDEO_PROCESSOR = (
