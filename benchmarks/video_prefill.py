@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=0, help="Untimed runs per side (counting FLOPs runs each once).")
-    parser.add_argument("--decode-tokens", type=int, default=16, help="Greedy decode steps per side (first case).")
+    parser.add_argument("--decode-tokens", type=int, default=48, help="Greedy decode steps per side (first case).")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, command: {' '.join(sys.argv)}",

@@ -81,11 +81,34 @@ class BenchReport:
         return json.dumps(asdict(self), indent=1)
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+def _causal_pairs(queries: int, keys: int) -> int:
+    """Query-key pairs a causal attention computes (torch's `is_causal`: query i sees keys 0..i)."""
+    if queries <= keys:
+        return queries * (queries + 1) // 2
+    return keys * (keys + 1) // 2 + (queries - keys) * keys
 
 
-_cpu_sdpa_flops._get_raw = False  # FlopCounterMode passes shapes to formulas without this marker
+def _attention_formula(op) -> Callable:
+    """The FLOPs of an attention kernel call: torch's formula counts every query-key pair, but a causal call's kernels
+    skip the blocks above the diagonal (on CPU it takes about half the time of the same call without is_causal), so
+    only the pairs it computes are counted."""
+    names = [argument.name for argument in op.default._schema.arguments]
+    causal_at = names.index("is_causal")
+
+    def formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        flops = sdpa_flop_count(query_shape, key_shape, value_shape)
+        causal = kwargs.get("is_causal", args[causal_at - 3] if len(args) > causal_at - 3 else False)
+        if causal:
+            queries, keys = query_shape[-2], key_shape[-2]
+            flops = flops * _causal_pairs(queries, keys) // (queries * keys)
+        return flops
+
+    formula._get_raw = False  # FlopCounterMode passes it shapes
+    return formula
+
+
+_ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
 
 
 def _as_registered(op):
@@ -96,14 +119,16 @@ def _as_registered(op):
 
 
 def count_flops(fn: Callable[[], object]) -> float:
-    """GFLOPs of every matmul and attention call in `fn` (CPU attention kernels included)."""
+    """GFLOPs of every matmul and attention call in `fn` (CPU attention kernels included; causal attention counted
+    as the pairs it computes)."""
     # In-place products (a ProxyV layer without gradients adds into its own buffers) cost what their
     # out-of-place forms do, which torch's counter knows.
     mapping = {torch.ops.aten.addmm_: _as_registered(torch.ops.aten.addmm),
                torch.ops.aten.baddbmm_: _as_registered(torch.ops.aten.baddbmm)}
-    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_attention is not None:
-        mapping[cpu_attention] = _cpu_sdpa_flops
+    for name in _ATTENTION_OPS:
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            mapping[op] = _attention_formula(op)
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops() / 1e9

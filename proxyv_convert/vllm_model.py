@@ -198,7 +198,6 @@ class ProxyVServingMixin:
         is_vision[vision_flat_valid] = True
         text_rows = torch.nonzero(~is_vision).squeeze(1)
         proxy_positions = plan.proxy_source.reshape(-1).to(positions.dtype)
-        proxy_mask = plan.mask[:, :, plan.num_text_slots :, :]  # (B, 1, P, longest + P): what each proxy sees
 
         hidden, residual = inputs_embeds, None
         for index in range(start):
@@ -211,12 +210,12 @@ class ProxyVServingMixin:
                 index, lm.layers[index], plan, positions, hidden, proxy_states,
                 text_rows=text_rows, vision_flat=vision_flat, vision_valid=vision_valid,
                 vision_flat_valid=vision_flat_valid, padded_index=padded_index, longest=longest,
-                proxy_positions=proxy_positions, proxy_mask=proxy_mask,
+                proxy_positions=proxy_positions,
             )
         return lm.norm(hidden)
 
     def _proxyv_layer(self, index, layer, plan, positions, hidden, proxy_states, *, text_rows, vision_flat,
-                      vision_valid, vision_flat_valid, padded_index, longest, proxy_positions, proxy_mask):
+                      vision_valid, vision_flat_valid, padded_index, longest, proxy_positions):
         attn = layer.self_attn
         batch, proxies, width = proxy_states.shape
         q_size, kv_size, head_dim = attn.q_size, attn.kv_size, attn.head_dim
@@ -240,19 +239,19 @@ class ProxyVServingMixin:
         query, key = attn.rotary_emb(positions, query.contiguous(), key.contiguous())
         out = attn.attn(query, key, value.contiguous())  # writes the cache; text (and other requests) attend here
 
-        # The proxies: over the keys of their prompt's rows (only the text before their image is visible) and proxies.
+        # The proxies: over the keys of their prompt's rows that a proxy sees (text before its image) and proxies.
         p_query, p_key, p_value = qkv_proxies.split([q_size, kv_size, kv_size], dim=-1)
         p_query, p_key = attn.rotary_emb(proxy_positions, p_query.contiguous(), p_key.contiguous())
         keys = torch.cat([key.index_select(0, padded_index).view(batch, longest, -1),
-                          p_key.view(batch, proxies, -1)], 1)
+                          p_key.view(batch, proxies, -1)], 1).index_select(1, plan.proxy_columns)
         values = torch.cat([value.index_select(0, padded_index).view(batch, longest, -1),
-                            p_value.view(batch, proxies, -1)], 1)
+                            p_value.view(batch, proxies, -1)], 1).index_select(1, plan.proxy_columns)
         heads, kv_heads = q_size // head_dim, kv_size // head_dim
         p_out = F.scaled_dot_product_attention(
             p_query.view(batch, proxies, heads, head_dim).transpose(1, 2),
             keys.view(batch, -1, kv_heads, head_dim).transpose(1, 2),
             values.view(batch, -1, kv_heads, head_dim).transpose(1, 2),
-            attn_mask=proxy_mask, scale=attn.scaling, enable_gqa=heads != kv_heads,
+            attn_mask=plan.proxy_mask, scale=attn.scaling, enable_gqa=heads != kv_heads,
         ).transpose(1, 2).reshape(batch * proxies, q_size)
 
         # Output projection, residual, FFN: text rows and proxies only.

@@ -16,16 +16,17 @@ from proxyv_convert.convert import convert
 from proxyv_convert.model_folder import BENCH_REPORT as REPORT
 
 
-def layer_flops(config, rows: int, queries: int, proxies: int = 0, vision: int = 0) -> int:
-    """Matmul FLOPs of one decoder layer: `queries` rows get q/o/FFN, `rows` rows give keys/values; a ProxyV layer
-    also runs its VisionMLP on `vision` full tokens and `proxies` proxies."""
+def layer_flops(config, rows: int, queries: int, pairs: int, proxies: int = 0, vision: int = 0) -> int:
+    """Matmul FLOPs of one decoder layer: `queries` rows get q/o/FFN, `rows` rows give keys/values, attention
+    computes `pairs` query-key pairs; a ProxyV layer also runs its VisionMLP on `vision` full tokens and `proxies`
+    proxies."""
     text = config.text_config
     hidden, inter, heads = text.hidden_size, text.intermediate_size, text.num_attention_heads
     head_dim = hidden // heads
     kv = text.num_key_value_heads * head_dim
     flops = 2 * queries * hidden * hidden * 2 + 2 * rows * hidden * kv * 2  # q, o; k, v
     flops += 2 * queries * hidden * inter * 3  # gate, up, down
-    flops += 2 * heads * queries * rows * head_dim * 2  # scores and weighted values
+    flops += 2 * heads * pairs * head_dim * 2  # scores and weighted values
     if vision:
         width = config.proxyv_vision_mlp_size
         flops += 2 * vision * hidden * width + 2 * proxies * hidden * width  # the two input projections
@@ -47,8 +48,10 @@ def test_counted_flops_match_the_arithmetic():
     runner = Runner(model, inputs)
     layers = config.text_config.num_hidden_layers
     start = config.proxyv_start_layer
-    full = layer_flops(config, seq, seq)
-    proxyv = layer_flops(config, seq + proxies, text + proxies, proxies, vision)
+    full = layer_flops(config, seq, seq, seq * (seq + 1) // 2)  # causal: the pairs on and below the diagonal
+    # Text queries attend over every key row, proxies over the text rows and the proxies.
+    pairs = text * (seq + proxies) + proxies * (text + proxies)
+    proxyv = layer_flops(config, seq + proxies, text + proxies, pairs, proxies, vision)
     assert count_flops(lambda: runner.lm_prefill(False)) * 1e9 == pytest.approx(layers * full, rel=1e-9)
     assert count_flops(lambda: runner.lm_prefill(True)) * 1e9 == pytest.approx(
         start * full + (layers - start) * proxyv, rel=1e-9

@@ -336,8 +336,9 @@ def test_inference_and_gradient_paths_agree(proxyv, name):
 
 
 def test_attention_mask_is_made_a_bias_once_per_forward(proxyv, monkeypatch):
-    """ProxyV layers give SDPA the plan's mask as one additive bias per forward (a boolean mask would be converted
-    inside every layer), in the states' dtype; a second forward with another prompt gets its own."""
+    """ProxyV layers give SDPA the plan's masks as additive biases made once per forward (a boolean mask would be
+    converted inside every layer), in the states' dtype: one for the text queries over every key, one for the proxy
+    queries over the key rows a proxy sees; a second forward with another prompt gets its own."""
     import torch.nn.functional as F
 
     calls = []
@@ -345,7 +346,7 @@ def test_attention_mask_is_made_a_bias_once_per_forward(proxyv, monkeypatch):
 
     def recording(query, key, value, attn_mask=None, **kwargs):
         if key.shape[-2] != query.shape[-2]:  # a ProxyV layer: queries are the text and proxy slots only
-            calls.append(attn_mask)
+            calls.append((attn_mask, key.shape[-2]))
         return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
@@ -365,13 +366,22 @@ def test_attention_mask_is_made_a_bias_once_per_forward(proxyv, monkeypatch):
         calls.clear()
         with torch.no_grad():
             proxyv(input_ids=ids, attention_mask=mask, pixel_values=pixel_values_for(prompts))
-        assert len(calls) == proxyv_layers
-        assert all(bias is calls[0] for bias in calls), "one bias per forward, shared by the layers"
-        bias, allowed = calls[0], plans[0].get().mask
-        assert bias.dtype == proxyv.dtype and bias.shape == allowed.shape
-        assert torch.equal(bias, torch.where(allowed, 0.0, -65504.0).to(bias.dtype))
-        biases.append(bias)
-    assert biases[0].shape != biases[1].shape
+        plan = plans[0].get()
+        assert len(calls) == 2 * proxyv_layers
+        text_calls, proxy_calls = calls[0::2], calls[1::2]
+        for part, allowed, keys in ((text_calls, plan.mask, ids.shape[1] + plan.num_proxies),
+                                    (proxy_calls, plan.proxy_mask, len(plan.proxy_columns))):
+            assert all(bias is part[0][0] for bias, _ in part), "one bias per forward, shared by the layers"
+            assert all(width == keys for _, width in part)
+            bias = part[0][0]
+            assert bias.dtype == proxyv.dtype and bias.shape == allowed.shape
+            assert torch.equal(bias, torch.where(allowed, 0.0, -65504.0).to(bias.dtype))
+            biases.append(bias)
+        # Proxies attend over the rows that are text (not padding) in some prompt, and the proxies.
+        text_rows = mask.bool() & (ids != proxyv.config.image_token_id)
+        expected = torch.cat([text_rows.any(0).nonzero().squeeze(1), ids.shape[1] + torch.arange(plan.num_proxies)])
+        assert torch.equal(plan.proxy_columns, expected)
+    assert biases[0].shape != biases[2].shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,7 +3,8 @@
 From decoder layer S on, each image's vision tokens are represented by a few proxy tokens (the token grid
 downsampled by a factor r per side). In every layer l >= S:
   - queries are the proxies and the text tokens; keys/values are the full vision tokens, the proxies and the text;
-  - a proxy sees earlier proxies and the text before its image, never full vision tokens;
+  - a proxy sees earlier proxies and the text before its image, never full vision tokens (its queries are computed
+    over those keys alone, so their cost does not grow with the vision tokens);
   - a text token sees the full vision tokens and earlier text, never proxies;
   - the full vision tokens get no query and no FFN: they contribute keys/values (from their current state, with
     the layer's own norm, projections and RoPE at their real positions) and are then updated by a light
@@ -40,6 +41,7 @@ from transformers import (
     LlavaModel,
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
+    PreTrainedModel,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
@@ -462,26 +464,37 @@ class ProxyVPlan:
         self.cached, self.previous = cached, previous
         old_order, old_valid = (_EMPTY.reshape(batch, 0), np.zeros((batch, 0), dtype=bool)) if previous is None else (
             previous.proxy_order, previous.proxy_valid)
+        sequence_valid = np.ones((batch, seq), dtype=bool) if attention_mask is None else attention_mask
         if cached:
             seen = np.ones((batch, cached), dtype=bool)
             if previous is not None:
                 recorded = min(cached, previous.proxy_sees.shape[1])
                 seen[:, :recorded] = previous.proxy_sees[:, :recorded]
             valid = np.ones((batch, cached), dtype=bool) if cached_valid is None else cached_valid
-            sequence_valid = np.ones((batch, seq), dtype=bool) if attention_mask is None else attention_mask
             query_valid = np.take_along_axis(np.concatenate([sequence_valid, proxy_valid], axis=1), query_index,
                                              axis=1) & np.concatenate([text_valid, proxy_valid], axis=1)
             query_order = cached + np.take_along_axis(key_order, query_index, axis=1)  # (B, Q)
             host["mask"] = self._context_columns(
                 host["mask"], query_valid, query_order, seen & valid, valid, cache_rows - cached - seq, old_order,
                 old_valid, sliding_window)
+            may_see = np.concatenate([(seen & valid).any(0), ((kind == TEXT) & sequence_valid).any(0),
+                                      np.zeros(cache_rows - cached - seq, dtype=bool), old_valid.any(0),
+                                      np.ones(proxies, dtype=bool)])
             # What a prefill after this one sees: these rows and proxies after the ones before.
             seen = np.concatenate([seen, kind == TEXT], axis=1)
         else:
             seen = kind == TEXT
+            may_see = np.concatenate([(seen & sequence_valid).any(0), np.ones(proxies, dtype=bool)])
         self.next_context = ProxyVContext(
             proxy_sees=seen, proxy_order=np.concatenate([old_order, cached + proxy_source], axis=1),
             proxy_valid=np.concatenate([old_valid, proxy_valid], axis=1), keys={})
+        # A proxy sees only text and proxies: its queries attend over those key rows alone (of thousands of keys, a
+        # few hundred for a video), the text queries over every key. The rows are every text row, whatever the causal
+        # order, so that prompts alike but for where their images are keep one layout (see plan_layout).
+        mask = host.pop("mask")
+        host["proxy_columns"] = np.flatnonzero(may_see)
+        host["mask"] = np.ascontiguousarray(mask[:, :, :text_slots])
+        host["proxy_mask"] = np.ascontiguousarray(mask[:, :, text_slots:][..., host["proxy_columns"]])
         on_device = to_device({name: torch.from_numpy(array) for name, array in host.items()}, device)
         self.proxy_groups = [
             (shape, proxy_shape, on_device[f"group_rows{g}"], on_device[f"group_slots{g}"])
@@ -494,7 +507,8 @@ class ProxyVPlan:
         self.query_index, self.proxy_source = on_device["query_index"], on_device["proxy_source"]
         self.query_rows, self.vision_rows = on_device["query_rows"], on_device["vision_rows"]
         self.split_rows, self.upsample_rows = on_device["split_rows"], on_device["upsample_rows"]
-        self.mask = on_device["mask"]
+        self.mask, self.proxy_mask = on_device["mask"], on_device["proxy_mask"]  # (B, 1, Qt, K), (B, 1, P, C)
+        self.proxy_columns = on_device["proxy_columns"]  # (C,) the key rows any proxy sees
         # Every slot used (e.g. one prompt, or prompts alike): each row is written exactly once, in place.
         self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
         self._tables: tuple[torch.Tensor, ...] = ()
@@ -632,9 +646,9 @@ class ProxyVPlan:
         """What every ProxyV layer of a forward shares, made by its start layer (`fresh`; the plan's tensors may have
         been refilled since the last forward, as when a CUDA graph is replayed with a new prompt's plan copied in) and
         read by the layers after it. They are (cos, signed sin) of the T + P key rows and of the query rows, each
-        (B, 1, L, d), for `apply_rope`, and the attention mask as an additive bias in the states' dtype (0 where a
-        query attends, MASKED_BIAS elsewhere; SDPA would otherwise turn the boolean mask into one in every layer: two
-        more kernels per layer)."""
+        (B, 1, L, d), for `apply_rope`, and the text and proxy queries' attention masks as additive biases in the
+        states' dtype (0 where a query attends, MASKED_BIAS elsewhere; SDPA would otherwise turn a boolean mask into
+        one in every layer: two more kernels per layer)."""
         if fresh or not self._tables:
             cos, sin = position_embeddings
             batch = self.query_index.shape[0]
@@ -646,8 +660,9 @@ class ProxyVPlan:
                 keys = torch.cat([table, gather_rows(table, self.proxy_source)], dim=1)
                 tables.append((keys, gather_rows(keys, self.query_index)))
             (cos_k, cos_q), (sin_k, sin_q) = tables
-            bias = torch.full_like(self.mask, MASKED_BIAS, dtype=cos.dtype).masked_fill_(self.mask, 0.0)
-            self._tables = (cos_k[:, None], sin_k[:, None], cos_q[:, None], sin_q[:, None], bias)
+            biases = [torch.full_like(mask, MASKED_BIAS, dtype=cos.dtype).masked_fill_(mask, 0.0)
+                      for mask in (self.mask, self.proxy_mask)]
+            self._tables = (cos_k[:, None], sin_k[:, None], cos_q[:, None], sin_q[:, None], *biases)
         return self._tables
 
 
@@ -820,7 +835,8 @@ class ProxyVDecoderLayerMixin:
             hidden_states = torch.cat([hidden_states, plan.make_proxies(hidden_states)], dim=1)
         batch, rows, _ = hidden_states.shape  # rows = T + P
         queries = plan.query_index.shape[1]
-        cos_k, sin_k, cos_q, sin_q, bias = plan.layer_tables(position_embeddings, fresh=layer_idx == plan.start_layer)
+        tables = plan.layer_tables(position_embeddings, fresh=layer_idx == plan.start_layer)
+        cos_k, sin_k, cos_q, sin_q, text_bias, proxy_bias = tables
 
         normed = backbone_norm(self.input_layernorm, hidden_states)  # (B, T+P, H)
         key, value = self._proxyv_kv(normed)
@@ -837,9 +853,17 @@ class ProxyVDecoderLayerMixin:
             key_rows = cached[0].shape[2]  # the keys the original layer attends over
             key, value = plan.keys_with_context(layer_idx, cached, key, value)
 
-        attended, weights = proxyv_attention(attn, query, key, value, plan.mask, bias)
-        attended = attended.reshape(batch, queries, -1)
-        if plan.attentions is not None and weights is not None:
+        # Text queries over every key; proxy queries over the key rows they can see (text and proxies) only.
+        text_slots = plan.num_text_slots
+        columns = plan.proxy_columns
+        parts, weights = [], None
+        if text_slots or attn.config._attn_implementation == "eager":  # SDPA is not given zero queries
+            attended, weights = proxyv_attention(attn, query[:, :, :text_slots], key, value, plan.mask, text_bias)
+            parts.append(attended)
+        attended, _ = proxyv_attention(attn, query[:, :, text_slots:], key.index_select(2, columns),
+                                       value.index_select(2, columns), plan.proxy_mask, proxy_bias)
+        attended = torch.cat([*parts, attended], dim=1).view(batch, queries, -1)  # (B, Q, H)
+        if plan.attentions is not None and weights is not None:  # eager attention: the text queries' weights
             plan.attentions.append(plan.sequence_attention(weights, key_rows))
         residual = select_rows(hidden_states, plan.query_rows)  # (B, Q, H)
         out_q = residual + attn.o_proj(attended)
@@ -1020,7 +1044,7 @@ class ProxyVPrefillGraphs:
             if arg in (name, "proxyv_plan"):
                 continue
             if isinstance(value, torch.Tensor):
-                if value.device != plan.mask.device or value.requires_grad:
+                if value.device != plan.query_index.device or value.requires_grad:
                     return None
                 tensors.append((arg, tuple(value.shape), value.dtype))
             elif value is None or isinstance(value, (bool, int, float, str)):
@@ -1030,7 +1054,8 @@ class ProxyVPrefillGraphs:
         if not self._replayable(model):
             return None
         attention = model.language_model.config._attn_implementation
-        return plan_layout(plan), tuple(tensors), tuple(settings), cache is not None, attention, str(plan.mask.device)
+        device = str(plan.query_index.device)
+        return plan_layout(plan), tuple(tensors), tuple(settings), cache is not None, attention, device
 
     def _replayable(self, model) -> bool:
         """Whether a replay computes what the language model's forward computes: every module one of torch's,
@@ -1123,7 +1148,7 @@ class ProxyVPrefillGraphs:
             if self.capture is not None:
                 graph, outputs = self.capture(prefill)
             else:  # each graph in a memory pool of its own: graphs replay in any order
-                with torch.cuda.device(plan.mask.device):
+                with torch.cuda.device(plan.query_index.device):
                     graph, outputs = capture_cuda_graph(prefill)
         except Exception as error:  # whatever fails to capture, the eager forward runs this shape
             warnings.warn(f"ProxyV could not capture the prefill in a CUDA graph ({type(error).__name__}: {error}); "
@@ -1371,6 +1396,14 @@ class ProxyVHeadMixin:
     """The ProxyV switch and parameters, on the model with the language-modeling head."""
 
     _can_compile_fullgraph = False  # see ProxyVModelMixin
+    proxyv_model_class: type  # the family's ProxyV model, which the head wraps
+
+    def __init__(self, config):
+        # The pretrained-model base alone: the family's own head __init__ would build the original backbone.
+        PreTrainedModel.__init__(self, config)
+        self.model = self.proxyv_model_class(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
 
     def proxyv_disabled(self):
         """Within this block the model computes exactly what the original model computes."""
@@ -1458,11 +1491,7 @@ class ProxyVLlavaForConditionalGeneration(
 ):
     """LLaVA with a language-modeling head whose language model runs ProxyV from the start layer on."""
 
-    def __init__(self, config: ProxyVLlavaConfig):
-        ProxyVLlavaPreTrainedModel.__init__(self, config)
-        self.model = ProxyVLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    proxyv_model_class = ProxyVLlavaModel
 
 
 # --- LLaVA-NeXT (AnyRes) --------------------------------------------------------------------------------------------
@@ -1544,11 +1573,7 @@ class ProxyVLlavaNextForConditionalGeneration(
 ):
     """LLaVA-NeXT with a language-modeling head whose language model runs ProxyV from the start layer on."""
 
-    def __init__(self, config: ProxyVLlavaNextConfig):
-        ProxyVLlavaNextPreTrainedModel.__init__(self, config)
-        self.model = ProxyVLlavaNextModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    proxyv_model_class = ProxyVLlavaNextModel
 
 
 # --- LLaVA-OneVision and LLaVA-NeXT-Video (images and videos) ------------------------------------------------------
@@ -1699,11 +1724,7 @@ class ProxyVLlavaOnevisionForConditionalGeneration(
 ):
     """LLaVA-OneVision with a language-modeling head whose language model runs ProxyV from the start layer on."""
 
-    def __init__(self, config: ProxyVLlavaOnevisionConfig):
-        ProxyVLlavaOnevisionPreTrainedModel.__init__(self, config)
-        self.model = ProxyVLlavaOnevisionModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    proxyv_model_class = ProxyVLlavaOnevisionModel
 
 
 class ProxyVLlavaNextVideoPreTrainedModel(ProxyVInitMixin, LlavaNextVideoPreTrainedModel):
@@ -1747,11 +1768,7 @@ class ProxyVLlavaNextVideoForConditionalGeneration(
 ):
     """LLaVA-NeXT-Video with a language-modeling head whose language model runs ProxyV from the start layer on."""
 
-    def __init__(self, config: ProxyVLlavaNextVideoConfig):
-        ProxyVLlavaNextVideoPreTrainedModel.__init__(self, config)
-        self.model = ProxyVLlavaNextVideoModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    proxyv_model_class = ProxyVLlavaNextVideoModel
 
 
 __all__ = [
