@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import statistics
 import sys
@@ -31,16 +30,15 @@ from .atomic import folder_lock, write_text
 from .errors import ProxyVError
 from .families import family_of
 from .model_folder import BENCH_REPORT
-from .remote.modeling_proxyv import capture_cuda_graph, plan_tensors  # the model's own prefill graphs use them too
+from .remote.modeling_proxyv import cache_keyword, capture_cuda_graph, plan_tensors  # the model's own, shared
 from .threads import warn_if_busy
 
 
 def _cache_keyword() -> str:
-    """transformers renamed `past_key_values` to `cache` (5.18+); use whichever this version takes."""
+    """The cache argument's name in this transformers version."""
     from transformers import LlavaForConditionalGeneration
 
-    parameters = inspect.signature(LlavaForConditionalGeneration.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    return cache_keyword(LlavaForConditionalGeneration)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from hub_server import LocalHub
 from huggingface_hub import HfApi
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_models import (
     VIDEO_CHAT_TEMPLATE,
     tiny_llava,
@@ -241,6 +241,19 @@ def save_llava_hf(
     _write_weights(path, llava_hf_state_dict(model), shards)
     (path / "README.md").write_text(_model_card(family, license))
     return path
+
+
+def randomize_proxyv(folder: Path, seed: int = 1) -> None:
+    """Random ProxyV tensors in a converted folder (norm weights around 1; a fresh conversion's VisionMLPs start at
+    zero), so that ProxyV changes the outputs."""
+    path = folder / "model-proxyv.safetensors"
+    tensors = load_file(path)
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in tensors.items():
+        noise = torch.randn(tensor.shape, generator=generator) * 0.3 / tensor.shape[-1] ** 0.5
+        one = 1.0 if name.endswith(("norm_vision.weight", "norm_proxy.weight")) else 0.0
+        tensors[name] = (noise + one).to(tensor.dtype).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def _save_video_processor(path: Path, processor) -> None:

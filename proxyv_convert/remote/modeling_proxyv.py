@@ -449,6 +449,7 @@ class ProxyVPlan:
             upsample_rows=flat_rows(upsample_index, proxies),  # vision slot -> proxy slot, (B*V,)
         )
         self.num_vision = num_vision
+        sequence_valid = np.ones((batch, seq), dtype=bool) if attention_mask is None else attention_mask
         host["mask"] = self._attention_mask(
             {
                 "key_order": key_order,
@@ -458,13 +459,12 @@ class ProxyVPlan:
                 "slot_valid": np.concatenate([text_valid, proxy_valid], axis=1),
                 "proxy_valid": proxy_valid,
             },
-            attention_mask,
+            sequence_valid,
             sliding_window,
         )
         self.cached, self.previous = cached, previous
         old_order, old_valid = (_EMPTY.reshape(batch, 0), np.zeros((batch, 0), dtype=bool)) if previous is None else (
             previous.proxy_order, previous.proxy_valid)
-        sequence_valid = np.ones((batch, seq), dtype=bool) if attention_mask is None else attention_mask
         if cached:
             seen = np.ones((batch, cached), dtype=bool)
             if previous is not None:
@@ -513,14 +513,12 @@ class ProxyVPlan:
         self.dense = bool(text_valid.all() and proxy_valid.all() and vision_valid.all())
         self._tables: tuple[torch.Tensor, ...] = ()
 
-    def _attention_mask(self, host: dict[str, np.ndarray], attention_mask, sliding_window) -> np.ndarray:
+    def _attention_mask(self, host: dict[str, np.ndarray], sequence_valid: np.ndarray, sliding_window) -> np.ndarray:
         """(B, 1, Q, T + P), True = attend. Causal by order; text (and newline tokens, computed like text) never sees
         proxies; proxies see only text and proxies; padding and unused slots attend to themselves only (finite, and
         never seen by a real query)."""
         seq, text_slots = self.seq_len, self.num_text_slots
         key_order, query_index = host["key_order"], host["query_index"]
-        batch = key_order.shape[0]
-        sequence_valid = np.ones((batch, seq), dtype=bool) if attention_mask is None else attention_mask
         key_valid = np.concatenate([sequence_valid, host["proxy_valid"]], axis=1)  # (B, T + P)
         query_valid = np.take_along_axis(key_valid, query_index, axis=1) & host["slot_valid"]
         query_order = np.where(query_valid, host["query_order"], -1)  # sees no key until its own is set below
@@ -957,6 +955,19 @@ class _PrefillCache(DynamicCache):
         return key_states, value_states
 
 
+@functools.cache
+def _known_module_class(cls: type) -> bool:
+    """A module class of torch's, transformers' or this file's (not an adapter's or a user's)."""
+    return cls.__module__.startswith(("torch.", "transformers.")) or cls.__module__ == __name__
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The name of a model class's cache argument: transformers renamed `past_key_values` to `cache` (5.18+). Read
+    once per class (a prefill asks in every forward)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 @dataclass
 class _CapturedPrefill:
     graph: object  # replay() runs the captured prefill again
@@ -1025,17 +1036,12 @@ class ProxyVPrefillGraphs:
             return type(lm).forward(lm, **kwargs)
         return self._prefill(model, plan, key, kwargs)
 
-    @staticmethod
-    def _cache_keyword(lm) -> str:
-        """transformers renamed `past_key_values` to `cache` (5.18+)."""
-        return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
-
     def _key(self, model, plan: ProxyVPlan, kwargs: dict) -> tuple | None:
         """What a captured prefill is reused for: the plan's layout, the inputs' shapes and the other arguments, the
         attention implementation. None where a graph cannot stand in for the forward."""
         if plan.cached or plan.padded or plan.attentions is not None:
             return None
-        name = self._cache_keyword(model.language_model)
+        name = cache_keyword(type(model.language_model))
         cache = kwargs.get(name)
         if cache is not None and (type(cache) is not DynamicCache or cache.get_seq_length() != 0):
             return None
@@ -1068,13 +1074,13 @@ class ProxyVPrefillGraphs:
         lm, weights = model.language_model, []
         for part in (lm, model.proxyv):
             for module in part.modules():
-                kind = type(module).__module__
-                if not (kind.startswith(("torch.", "transformers.")) or kind == __name__):
+                if not _known_module_class(type(module)):
                     return False
-                if (module is not lm and "forward" in module.__dict__) or hasattr(module, "_hf_hook"):
+                attributes = module.__dict__  # where accelerate's hook and a replaced forward are set
+                if (module is not lm and "forward" in attributes) or "_hf_hook" in attributes:
                     return False
                 for hooks in (module._forward_hooks, module._forward_pre_hooks):
-                    if any(getattr(hook, "__name__", "") != "output_capturing_hook" for hook in hooks.values()):
+                    if hooks and any(getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks.values()):
                         return False
                 weights.extend((t.data_ptr(), t.shape) for t in module._parameters.values() if t is not None)
                 weights.extend((t.data_ptr(), t.shape) for t in module._buffers.values() if t is not None)
@@ -1113,7 +1119,7 @@ class ProxyVPrefillGraphs:
         entry.graph.replay()
         self.counts["replayed"] += 1
 
-        name = self._cache_keyword(lm)
+        name = cache_keyword(type(lm))
         cache = kwargs.get(name)
         if cache is None and entry.with_cache:  # as the language model makes one
             cache = DynamicCache(config=lm.config)
@@ -1131,7 +1137,7 @@ class ProxyVPrefillGraphs:
     def _capture(self, model, plan: ProxyVPlan, kwargs: dict) -> _CapturedPrefill | None:
         """The prefill with these arguments captured, reading its inputs from copies of them and `plan`'s tensors."""
         lm = model.language_model
-        name = self._cache_keyword(lm)
+        name = cache_keyword(type(lm))
         with_cache = kwargs.get(name) is not None or bool(kwargs.get("use_cache"))
         inputs = {arg: value.clone() for arg, value in kwargs.items() if isinstance(value, torch.Tensor)}
         settings = {arg: value for arg, value in kwargs.items()

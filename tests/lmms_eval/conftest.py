@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_fixtures import save_llava_hf, vqa_rows
+from hub_fixtures import randomize_proxyv, save_llava_hf, vqa_rows
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from proxyv_convert.convert import convert
@@ -54,18 +53,6 @@ def _datasets_cache(tmp_path_factory):
     patch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path_factory.mktemp("lmms-eval-datasets")))
     yield
     patch.undo()
-
-
-def randomize_proxyv(folder: Path, seed: int = 1) -> None:
-    """Random ProxyV tensors (norm weights around 1), so that ProxyV changes the outputs."""
-    path = folder / "model-proxyv.safetensors"
-    tensors = load_file(path)
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in tensors.items():
-        noise = torch.randn(tensor.shape, generator=generator) * 0.3 / tensor.shape[-1] ** 0.5
-        one = 1.0 if name.endswith(("norm_vision.weight", "norm_proxy.weight")) else 0.0
-        tensors[name] = (noise + one).to(tensor.dtype).contiguous()
-    save_file(tensors, path, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")

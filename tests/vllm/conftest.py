@@ -10,27 +10,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import numpy as np
 import pytest
-import torch
-from hub_fixtures import save_llava_hf
+from hub_fixtures import randomize_proxyv, save_llava_hf
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from proxyv_convert.convert import convert
 
 HIDDEN, LAYERS, START = 128, 4, 2  # head size 32: the smallest vLLM's CPU attention takes
 ENGINE = {"dtype": "float32", "max_model_len": 2048, "seed": 0, "gpu_memory_utilization": 0.08, "enforce_eager": True}
-
-
-def randomize_proxyv(folder: Path, seed: int = 1) -> None:
-    """Random ProxyV tensors (a fresh conversion's VisionMLPs start at zero), so that ProxyV changes the outputs."""
-    path = folder / "model-proxyv.safetensors"
-    tensors = load_file(path)
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in tensors.items():
-        noise = torch.randn(tensor.shape, generator=generator) * 0.3 / tensor.shape[-1] ** 0.5
-        tensors[name] = (noise + (1.0 if name.endswith("norm_vision.weight") or name.endswith("norm_proxy.weight")
-                                  else 0.0)).to(tensor.dtype).contiguous()
-    save_file(tensors, path, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")
